@@ -1,0 +1,61 @@
+"""Shared keys every phase reads. Phase configs call `get_base_config()` and override what they own.
+
+Not a runnable config by itself: see configs/pipeline.py for the main job.
+"""
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.phase = ''          # one phase name, run by launch.py
+  config.phases = ()         # or several, run in order into one workdir (pipeline)
+
+  # --- Data: '' -> the built-in synthetic market; else a path, or comma-separated paths (one symbol each).
+  config.data = ml_collections.ConfigDict()
+  config.data.path = ''
+  config.data.synthetic_bars = 20_000
+  config.data.synthetic_seed = 0
+  config.data.synthetic_symbols = 1
+  config.data.timeframe = '15min'
+  config.data.repair = False       # sort / drop duplicate bars (reported); never silent
+
+  # --- Labels (natron.labels): horizons in bars; thresholds fitted on the training span only.
+  config.labels = ml_collections.ConfigDict()
+  config.labels.horizon = 12
+  config.labels.pt = 2.0
+  config.labels.sl = 1.0
+  config.labels.vol_span = 100
+  config.labels.direction_shares = (1 / 3, 1 / 3, 1 / 3)   # UP, DOWN, NEUTRAL
+  config.labels.regime_horizon = 24
+
+  # --- Dataset (natron.dataset): windows, scaler, purged chronological splits, batches.
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.window = 96
+  config.dataset.split = (0.7, 0.15, 0.15)
+  config.dataset.purge = -1          # -1: max label horizon + window
+  config.dataset.max_gap_bars = 0    # 0: no limit; else longer time gaps are not crossed by a window
+  config.dataset.scaler_clip = 5.0
+  config.dataset.batch_size = 128
+
+  # --- Model (natron.model): the seed's scale by default.
+  config.model = ml_collections.ConfigDict()
+  config.model.d_model = 256
+  config.model.num_heads = 8
+  config.model.num_layers = 6
+  config.model.d_ff = 1024
+  config.model.dropout = 0.1
+  config.model.pooling = 'mean'              # mean | cls | attention
+  config.model.pos_encoding = 'sinusoidal'   # sinusoidal | learned
+  config.model.head_hidden = 128
+  config.model.dtype = 'float32'             # compute dtype; 'bfloat16' keeps params/logits/LN stats f32
+  config.model.param_dtype = 'float32'
+
+  # --- Backtest (natron.backtest): costs and annualisation used by every report.
+  config.backtest = ml_collections.ConfigDict()
+  config.backtest.cost_bps = 1.0
+  config.backtest.periods_per_year = 260     # trading days: 260 for 24x5 FX, 252 for exchanges
+  config.backtest.threshold = 0.6            # supervised BUY/SELL signal confidence
+
+  config.distributed = False                 # jax.distributed.initialize() for multi-host runs
+  return config

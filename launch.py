@@ -1,0 +1,141 @@
+r"""Runs one Natron phase, or a chain of them, from an ml_collections config.
+
+  python launch.py --config=configs/pipeline.py:quick --workdir=runs/demo
+  python launch.py --config=configs/finetune.py --workdir=runs/ft --config.finetune.epochs=20
+  python launch.py --config=configs/finetune.py:quick --workdir=runs/sweep --sweep
+
+Every output lands in --workdir: the resolved config (config.json), one sub-folder per phase, metrics as JSON
+lines, checkpoints, reports. A config file may define `sweep()` returning a list of override dicts
+({"finetune.lr": 1e-4, ...}); with --sweep each runs into workdir/sweep_<i>/ and a table of final metrics
+is written to workdir/sweep.md and sweep.json.
+"""
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/<phase>.py[:variant]).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for every output of the run.')
+_SWEEP = flags.DEFINE_bool('sweep', False, "Run the config's sweep() overrides into sub-workdirs.")
+flags.mark_flags_as_required(['config', 'workdir'])
+
+# Phase name -> module exposing run_phase(config, workdir) -> dict of summary metrics.
+PHASES = {
+    'features': 'natron.features.phase',
+    'dataset': 'natron.dataset',
+    'pretrain': 'natron.train.pretrain',
+    'finetune': 'natron.train.finetune',
+    'inspect': 'natron.train.inspect',
+    'rl': 'natron.rl.phase',
+    'backtest': 'natron.backtest',
+    'infer': 'natron.predictor',
+    'serve': 'natron.serve.app',
+    'report': 'natron.report',
+}
+
+
+def phases_of(config) -> list[str]:
+  names = list(config.get('phases', ())) or ([config.phase] if config.get('phase') else [])
+  if not names:
+    raise ValueError('The config names no phase: set config.phase or config.phases.')
+  unknown = [n for n in names if n not in PHASES]
+  if unknown:
+    raise ValueError(f'Unknown phase(s) {unknown}; known: {sorted(PHASES)}')
+  return names
+
+
+def run_config(config, workdir: str) -> dict:
+  """Runs every phase of `config` into `workdir`; returns {phase: summary}."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  results = {}
+  for name in phases_of(config):
+    logging.info('=== phase %s -> %s', name, workdir)
+    start = time.time()
+    module = importlib.import_module(PHASES[name])
+    results[name] = module.run_phase(config, workdir) or {}
+    logging.info('=== phase %s done in %.1f s', name, time.time() - start)
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump(results, f, indent=2, default=str)
+  return results
+
+
+def _sweep_overrides(config_path: str) -> list[dict]:
+  spec = importlib.util.spec_from_file_location('natron_sweep_config', config_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'sweep'):
+    raise ValueError(f'{config_path} defines no sweep(); nothing to run with --sweep.')
+  return list(module.sweep())
+
+
+def _flatten(d, prefix=''):
+  out = {}
+  for k, v in (d or {}).items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    elif isinstance(v, (int, float, str, bool)) or v is None:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def run_sweep(config, workdir: str, config_path: str) -> list[dict]:
+  rows = []
+  overrides = _sweep_overrides(config_path)
+  for i, override in enumerate(overrides):
+    cfg = config.copy_and_resolve_references()
+    with cfg.unlocked():
+      for key, value in override.items():
+        node = cfg
+        *parents, leaf = key.split('.')
+        for p in parents:
+          node = node[p]
+        node[leaf] = value
+    sub = os.path.join(workdir, f'sweep_{i}')
+    logging.info('=== sweep %d/%d %s', i + 1, len(overrides), override)
+    results = run_config(cfg, sub)
+    rows.append({'run': f'sweep_{i}', **{f'override.{k}': v for k, v in override.items()},
+                 **_flatten(results)})
+  with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
+    json.dump(rows, f, indent=2, default=str)
+  keys = list(dict.fromkeys(k for r in rows for k in r))
+  with open(os.path.join(workdir, 'sweep.md'), 'w') as f:
+    f.write('| ' + ' | '.join(keys) + ' |\n|' + '---|' * len(keys) + '\n')
+    for r in rows:
+      f.write('| ' + ' | '.join(_fmt(r.get(k, '')) for k in keys) + ' |\n')
+  return rows
+
+
+def _fmt(v):
+  return f'{v:.4g}' if isinstance(v, float) else str(v)
+
+
+def main(argv):
+  del argv
+  from natron.errors import UserError  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  if config.get('distributed', False):
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
+  try:
+    if _SWEEP.value:
+      run_sweep(config, _WORKDIR.value, config_flags.get_config_filename(flags.FLAGS['config']))
+    else:
+      run_config(config, _WORKDIR.value)
+  except UserError as e:
+    # A mistake the user can fix: say what it is, without a traceback.
+    print(f'natron: error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)
