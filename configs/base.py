@@ -27,7 +27,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.labels.sl = 1.0
   config.labels.vol_span = 100
   config.labels.direction_shares = (1 / 3, 1 / 3, 1 / 3)   # UP, DOWN, NEUTRAL
-  config.labels.regime_horizon = 24
+  config.labels.regime_horizon = 48
 
   # --- Dataset (natron.dataset): windows, scaler, purged chronological splits, batches.
   config.dataset = ml_collections.ConfigDict()
@@ -59,3 +59,25 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.distributed = False                 # jax.distributed.initialize() for multi-host runs
   return config
+
+
+def apply_quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks data and model so any phase runs in minutes on 2 CPU cores (the `:quick` variants)."""
+  config.data.synthetic_bars = 20_000
+  config.model.d_model = 64
+  config.model.num_heads = 4
+  config.model.num_layers = 2
+  config.model.d_ff = 128
+  config.model.head_hidden = 64
+  config.dataset.batch_size = 128
+  return config
+
+
+def parse_arg(arg) -> dict:
+  """'quick,foo=1' -> {'quick': True, 'foo': '1'} (big_vision-style config variants)."""
+  out = {}
+  for part in (arg or '').split(','):
+    if part:
+      key, _, value = part.partition('=')
+      out[key] = value if value else True
+  return out
