@@ -229,12 +229,10 @@ def random_policy(n: int, *, seed: int = 0, mean_hold: float = 12.0) -> np.ndarr
   return draws[np.cumsum(change) - 1]
 
 
-def signal_positions(buy_prob, sell_prob, threshold: float) -> np.ndarray:
-  """Supervised signal policy: long if buy_prob >= threshold and > sell_prob, short mirrored, else flat."""
-  buy_prob, sell_prob = np.asarray(buy_prob, np.float64), np.asarray(sell_prob, np.float64)
-  long = (buy_prob >= threshold) & (buy_prob > sell_prob)
-  short = (sell_prob >= threshold) & (sell_prob > buy_prob)
-  return long.astype(np.float64) - short.astype(np.float64)
+def signal_positions(signal) -> np.ndarray:
+  """Supervised signal policy from the predictor's BUY / SELL / HOLD strings: long / short / flat."""
+  signal = np.asarray(signal, object)
+  return (signal == 'BUY').astype(np.float64) - (signal == 'SELL').astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -290,3 +288,80 @@ def save_results(results: dict[str, Result], directory: str, *, time=None, title
     f.write(table + '\n')
   plot_equity(results, os.path.join(directory, 'equity.png'), time=time, title=title)
   return table
+
+
+# --------------------------------------------------------------------------------------------------------
+# Phase: every policy on each symbol's held-out test span.
+# --------------------------------------------------------------------------------------------------------
+def _ppo_positions(workdir: str, symbol: str, time: np.ndarray | None, rows: np.ndarray):
+  """PPO positions for `rows` of one symbol from workdir/rl/policy_test*.npz, aligned by timestamp."""
+  for path in (os.path.join(workdir, 'rl', f'policy_test_{symbol}.npz'),
+               os.path.join(workdir, 'rl', 'policy_test.npz')):
+    if not os.path.exists(path):
+      continue
+    saved = np.load(path, allow_pickle=True)
+    if 'symbol' in saved and str(saved['symbol']) not in ('', symbol):
+      continue
+    if time is not None and 'time' in saved:
+      lookup = pd.Series(np.asarray(saved['position'], np.float64),
+                         index=pd.DatetimeIndex(pd.to_datetime(saved['time'], utc=True)))
+      wanted = pd.DatetimeIndex(pd.to_datetime(time[rows], utc=True))
+      if not wanted.isin(lookup.index).all():
+        raise UserError(f'{path} does not cover the test span of {symbol}; rerun the rl phase.')
+      return lookup.reindex(wanted).to_numpy()
+    if len(saved['position']) == len(rows):
+      return np.asarray(saved['position'], np.float64)
+  return None
+
+
+def run_phase(config, workdir: str) -> dict:
+  """Backtests PPO, the supervised signal, buy-and-hold, flat and random on every symbol's test span.
+
+  Writes workdir/backtest/<symbol>/{metrics.json, table.md, equity.png} and backtest/settings.json.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from natron import data as data_lib  # pylint: disable=g-import-not-at-top
+  from natron import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+  from natron.predictor import Predictor  # pylint: disable=g-import-not-at-top
+
+  bt = config.backtest
+  frame = data_lib.load_market(config.data)
+  ds = dataset_lib.build_dataset(frame, config)
+  predictor = Predictor.load(workdir, buckets=(1,), threshold=float(bt.threshold))
+  out_dir = os.path.join(workdir, 'backtest')
+  summary, spans = {}, []
+  for b in ds.bounds:
+    sym = b['symbol']
+    part = frame.iloc[b['start']:b['stop']].reset_index(drop=True)
+    rows = np.arange(b['test_start'] - b['start'], b['stop'] - b['start'])
+    if len(rows) < 2:
+      raise UserError(f'symbol {sym}: the test span has {len(rows)} bars; use more data or a larger split.')
+    pred = predictor.predict_series(part, with_encoded=False)
+    close = part['close'].to_numpy(np.float64)[rows]
+    spread = part['spread'].to_numpy(np.float64)[rows] if 'spread' in part else None
+    time = part['time'].to_numpy() if 'time' in part else None
+    kw = dict(cost_bps=float(bt.cost_bps), spread=spread, time=None if time is None else time[rows],
+              periods_per_year=float(bt.periods_per_year), timeframe=str(config.data.timeframe))
+    policies = {}
+    ppo = _ppo_positions(workdir, sym, time, rows)
+    if ppo is not None:
+      policies['ppo'] = ppo
+    else:
+      logging.warning('backtest: no PPO policy in %s/rl; run the rl phase to include it.', workdir)
+    policies['supervised'] = signal_positions(pred['signal'][rows])
+    policies['buy_and_hold'] = buy_and_hold(len(rows))
+    policies['flat'] = always_flat(len(rows))
+    policies['random'] = random_policy(len(rows), seed=int(config.seed))
+    results = {name: run(close, pos, **kw) for name, pos in policies.items()}
+    span = (f'{pd.Timestamp(time[rows[0]])} .. {pd.Timestamp(time[rows[-1]])}' if time is not None
+            else f'rows {rows[0]}..{rows[-1]}')
+    spans.append(f'{sym}: {span} ({len(rows)} bars)')
+    table = save_results(results, os.path.join(out_dir, str(sym)), time=kw['time'],
+                         title=f'{sym} test span {span}, net of costs')
+    logging.info('backtest %s (%s):\n%s', sym, span, table)
+    summary[str(sym)] = {name: {k: res.metrics[k] for k in ('total_return', 'sharpe', 'max_drawdown',
+                                                              'num_trades')} for name, res in results.items()}
+  with open(os.path.join(out_dir, 'settings.json'), 'w') as f:
+    json.dump({'cost_bps': float(bt.cost_bps), 'periods_per_year': float(bt.periods_per_year),
+               'threshold': float(bt.threshold), 'span': '; '.join(spans)}, f, indent=2)
+  return summary

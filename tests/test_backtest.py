@@ -124,7 +124,7 @@ def test_baselines_and_report_files(tmp_path):
   rand = backtest.random_policy(n, seed=0)
   assert set(np.unique(rand)) <= {-1.0, 0.0, 1.0}
   np.testing.assert_array_equal(rand, backtest.random_policy(n, seed=0))
-  sig = backtest.signal_positions([0.7, 0.2, 0.65, 0.5], [0.1, 0.8, 0.66, 0.4], 0.6)
+  sig = backtest.signal_positions(['BUY', 'SELL', 'SELL', 'HOLD'])
   np.testing.assert_array_equal(sig, [1, -1, -1, 0])
   results = {name: backtest.run(close, pos) for name, pos in
              [('buy_and_hold', backtest.buy_and_hold(n)), ('flat', backtest.always_flat(n)),
