@@ -28,11 +28,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.labels.vol_span = 100
   config.labels.direction_shares = (1 / 3, 1 / 3, 1 / 3)   # UP, DOWN, NEUTRAL
   config.labels.regime_horizon = 48
+  config.labels.regime_vol_lookback = 2000   # trailing bars of sigma whose median defines "normal" vol
+  config.labels.regime_shares = ()           # () -> fixed thresholds below; 6 shares -> fitted on train
+  config.labels.regime_volatile_ratio = 1.6  # forward realised vol / trailing median sigma
+  config.labels.regime_range_z = 2.0         # |t-stat of forward drift| below: RANGE
+  config.labels.regime_strong_z = 5.0        # at or above: STRONG, else WEAK
 
   # --- Dataset (natron.dataset): windows, scaler, purged chronological splits, batches.
   config.dataset = ml_collections.ConfigDict()
   config.dataset.window = 96
   config.dataset.split = (0.7, 0.15, 0.15)
+  config.dataset.split_dates = ()    # or (val_start, test_start) as ISO dates: split by date instead
   config.dataset.purge = -1          # -1: max label horizon + window
   config.dataset.max_gap_bars = 0    # 0: no limit; else longer time gaps are not crossed by a window
   config.dataset.scaler_clip = 5.0
