@@ -1,0 +1,151 @@
+"""Natron's feature engine: OHLCV -> a causal, scale-free float32 feature matrix [T, F] in pure JAX.
+
+`compute_features_jax(o, h, l, c, v)` is the jittable core (the Predictor calls it inside its one jitted
+function); `compute_features(ohlcv)` is the numpy wrapper used by the phases, jitted once per input length.
+
+Eleven categories, one module each (`natron.features.<category>`), each exposing `NAMES`, `WARMUP` (its own
+look-back) and `compute(o, h, l, c, v, *, atr=None) -> (names, columns)`. Every feature is scale-free
+(ratios, log returns, z-scores, distances in ATR units, bounded oscillators), never a price level or raw
+volume, and causal: row t uses bars <= t only.
+
+WARMUP (1000 bars) is chosen for train/serve parity, not just for the longest window (~216 bars): recursive
+indicators (EMA <= 100, Wilder <= 28 bars) forget where the input started as (1 - alpha)^t, so features
+computed from the last WARMUP + window bars equal the full-history ones to float32 rounding
+((1 - 2/101)^(1000 - 100) ~ 2e-8). Rows before WARMUP are NaN; the dataset layer drops them.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from natron.errors import UserError
+from natron.features import indicators
+from natron.features import market_profile
+from natron.features import momentum
+from natron.features import moving_averages
+from natron.features import patterns
+from natron.features import returns
+from natron.features import smart_money
+from natron.features import statistics
+from natron.features import support_resistance
+from natron.features import trend
+from natron.features import volatility
+from natron.features import volume
+
+FEATURES_VERSION = 'natron-features-v1'
+
+# Category name -> module, in the column order of the feature matrix.
+CATEGORIES = {
+    'moving_averages': moving_averages,
+    'momentum': momentum,
+    'volatility': volatility,
+    'volume': volume,
+    'patterns': patterns,
+    'returns': returns,
+    'trend': trend,
+    'statistics': statistics,
+    'support_resistance': support_resistance,
+    'smart_money': smart_money,
+    'market_profile': market_profile,
+}
+
+WARMUP = 1000
+LOOKBACK = max(m.WARMUP for m in CATEGORIES.values())   # longest window of any feature
+assert LOOKBACK < WARMUP, (LOOKBACK, WARMUP)
+
+FEATURE_NAMES = tuple(name for m in CATEGORIES.values() for name in m.NAMES)
+NUM_FEATURES = len(FEATURE_NAMES)
+CATEGORY_OF = {name: cat for cat, m in CATEGORIES.items() for name in m.NAMES}
+CATEGORY_COUNTS = {cat: len(m.NAMES) for cat, m in CATEGORIES.items()}
+assert len(set(FEATURE_NAMES)) == NUM_FEATURES, 'feature names must be unique'
+
+_COLUMNS = ('open', 'high', 'low', 'close', 'volume')
+
+
+def feature_schema_hash() -> str:
+  """sha256 of the feature names, WARMUP and FEATURES_VERSION: what a checkpoint was trained on."""
+  text = '\n'.join([FEATURES_VERSION, f'warmup={WARMUP}', *FEATURE_NAMES])
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def compute_features_jax(o, h, l, c, v) -> jax.Array:
+  """The feature matrix float32 [T, F] of 1-D OHLCV series [T] (jittable; T is static).
+
+  Columns follow FEATURE_NAMES; rows t < WARMUP are NaN (all rows when T <= WARMUP).
+  """
+  o, h, l, c, v = (jnp.asarray(x, jnp.float32) for x in (o, h, l, c, v))
+  t_len = c.shape[0]
+  if t_len <= WARMUP:
+    return jnp.full((t_len, NUM_FEATURES), jnp.nan, jnp.float32)
+  atr = indicators.atr(h, l, c, 14)   # shared by every category
+  columns = []
+  for module in CATEGORIES.values():
+    _, cols = module.compute(o, h, l, c, v, atr=atr)
+    columns.extend(cols)
+  x = jnp.stack(columns, axis=1)
+  return jnp.where((jnp.arange(t_len) < WARMUP)[:, None], jnp.nan, x)
+
+
+_compute_jit = jax.jit(compute_features_jax)   # jax caches one executable per input length
+
+
+def _arrays(ohlcv) -> tuple[np.ndarray, ...]:
+  """(open, high, low, close, volume) float32 [T] from a DataFrame, a mapping or a 5-tuple of arrays."""
+  if hasattr(ohlcv, 'columns'):           # a pandas DataFrame
+    if 'symbol' in ohlcv.columns and ohlcv['symbol'].nunique() > 1:
+      raise UserError('compute_features got several symbols in one frame; compute them one symbol at a time '
+                      '(features must not cross symbols)')
+    missing = [k for k in _COLUMNS if k not in ohlcv.columns]
+    if missing:
+      raise UserError(f'compute_features: the frame lacks column(s) {missing}; needs {list(_COLUMNS)}')
+    raw = [ohlcv[k].to_numpy() for k in _COLUMNS]
+  elif isinstance(ohlcv, Mapping):
+    missing = [k for k in _COLUMNS if k not in ohlcv]
+    if missing:
+      raise UserError(f'compute_features: the mapping lacks key(s) {missing}; needs {list(_COLUMNS)}')
+    raw = [ohlcv[k] for k in _COLUMNS]
+  elif isinstance(ohlcv, (tuple, list)) and len(ohlcv) == 5:
+    raw = list(ohlcv)
+  else:
+    raise UserError('compute_features takes a DataFrame, a mapping with keys open/high/low/close/volume, or '
+                    f'a 5-tuple of arrays; got {type(ohlcv).__name__}')
+  out = []
+  for name, a in zip(_COLUMNS, raw):
+    try:
+      a = np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+      raise UserError(f'compute_features: column {name!r} is not numeric ({e})') from None
+    if a.ndim != 1:
+      raise UserError(f'compute_features: column {name!r} must be 1-D, got shape {a.shape}')
+    bad = np.flatnonzero(~np.isfinite(a))
+    if bad.size:
+      raise UserError(f'compute_features: column {name!r} has {bad.size} non-finite value(s), first at row '
+                      f'{bad[0]}')
+    nonpositive = np.flatnonzero(a < 0) if name == 'volume' else np.flatnonzero(a <= 0)
+    if nonpositive.size:
+      rule = 'negative' if name == 'volume' else 'non-positive'
+      raise UserError(f'compute_features: column {name!r} has {nonpositive.size} {rule} value(s), first at row '
+                      f'{nonpositive[0]}')
+    out.append(a.astype(np.float32))
+  if len({a.shape[0] for a in out}) > 1:
+    raise UserError(f'compute_features: columns have different lengths {[a.shape[0] for a in out]}')
+  return tuple(out)
+
+
+def compute_features(ohlcv) -> tuple[np.ndarray, list[str]]:
+  """Feature matrix of one symbol's bars: (float32 [T, F], names). Rows t < WARMUP are NaN.
+
+  `ohlcv`: a DataFrame with columns open, high, low, close, volume (one symbol), a mapping with those keys,
+  or a tuple (open, high, low, close, volume) of 1-D arrays. Raises UserError on malformed input.
+  """
+  arrays = _arrays(ohlcv)
+  x = np.asarray(_compute_jit(*arrays))
+  return x, list(FEATURE_NAMES)
+
+
+__all__ = ['CATEGORIES', 'CATEGORY_COUNTS', 'CATEGORY_OF', 'FEATURES_VERSION', 'FEATURE_NAMES', 'LOOKBACK',
+           'NUM_FEATURES', 'WARMUP', 'compute_features', 'compute_features_jax', 'feature_schema_hash']

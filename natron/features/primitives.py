@@ -57,6 +57,8 @@ def lag(x: jax.Array, k: int) -> jax.Array:
   x = jnp.asarray(x, jnp.float32)
   if k == 0:
     return x
+  if k >= x.shape[0]:
+    return jnp.full_like(x, NAN)
   return jnp.concatenate([jnp.full((k,), NAN, x.dtype), x[:-k]])
 
 
