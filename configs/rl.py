@@ -1,0 +1,70 @@
+r"""Phase 3: PPO trading agent over the fine-tuned encoder's frozen embeddings (natron.rl.phase).
+
+  python launch.py --config=configs/rl.py:quick --workdir=runs/demo     # after finetune in the same workdir
+
+Reads workdir/finetune/bundle, embeds every bar once, trains PPO in the jitted gymnax environment on the
+training span only (episodes never reach validation/test bars), checkpoints into workdir/rl/, and evaluates
+the greedy policy on the test span against always-flat, buy-and-hold and random policies, costs included.
+
+Expected runtime on 2 shared CPU cores (quick, 20,000 synthetic bars, fine-tuned quick bundle): embedding the
+series ~40 s, PPO (2 seeds x 1M env steps) ~1 min, evaluation a few seconds; full: PPO ~5M steps per seed.
+Expected result (quick, measured): on the synthetic market's test span (2,856 bars) the PPO policy returned
++62.8% net of costs (Sharpe 22, 17 trades) vs always-flat 0%, buy-and-hold -6.9% and random -4.1% +- 4.9%
+(the supervised signal +63.8%); numbers in workdir/rl/metrics.json and workdir/rl/test/table.md.
+"""
+import ml_collections
+
+from configs import base
+
+
+def section(quick: bool = False) -> ml_collections.ConfigDict:
+  """The `config.rl` block."""
+  rl = ml_collections.ConfigDict()
+  # --- Environment (natron.rl.env): reward = position * next log return - costs - penalties.
+  rl.episode_length = 256         # steps per training episode (time limit = truncation)
+  rl.alpha = 0.0                  # turnover penalty per unit traded, on top of the real cost
+  rl.beta = 0.1                   # penalty per unit increase of the episode's drawdown
+  rl.reward_scale = -1.0          # -1: 1 / std of training-span log returns (unit-size rewards)
+  rl.use_head_probs = True        # append buy/sell/direction/regime probabilities to the embedding
+  rl.cost_bps = -1.0              # -1: config.backtest.cost_bps
+  rl.symbol = ''                  # which symbol to trade ('' = the first; one symbol per run)
+  # --- PPO (natron.rl.ppo), PureJaxRL defaults.
+  rl.num_envs = 64
+  rl.num_steps = 128              # env steps per env per update
+  rl.total_timesteps = 5_000_000
+  rl.update_epochs = 4
+  rl.minibatch_size = 256
+  rl.lr = 3e-4
+  rl.anneal_lr = True
+  rl.gamma = 0.99
+  rl.gae_lambda = 0.95
+  rl.clip_eps = 0.2
+  rl.clip_value = True
+  rl.vf_coef = 0.5
+  rl.ent_coef = 0.01
+  rl.max_grad_norm = 0.5
+  rl.hidden = (64, 64)
+  rl.activation = 'tanh'
+  rl.num_seeds = 1                # seeds trained at once (jax.vmap); the best on validation is kept
+  # --- Loop, checkpoints, evaluation.
+  rl.log_every = 10               # updates between progress lines
+  rl.checkpoint_every = 100       # updates per jitted chunk; a checkpoint after each (resume point)
+  rl.random_seeds = 20            # random-policy baselines averaged on the test span
+  if quick:
+    rl.episode_length = 128
+    rl.num_envs = 64
+    rl.total_timesteps = 1_048_576
+    rl.log_every = 8
+    rl.checkpoint_every = 32
+    rl.num_seeds = 2
+  return rl
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  args = base.parse_arg(arg)
+  config = base.get_base_config()
+  config.phase = 'rl'
+  config.rl = section(quick='quick' in args)
+  if 'quick' in args:
+    base.apply_quick(config)
+  return config

@@ -1,0 +1,293 @@
+"""The rl phase: PPO over the fine-tuned encoder's frozen embeddings, trained on the training span only.
+
+  python launch.py --config=configs/rl.py:quick --workdir=runs/demo      (after finetune in that workdir)
+
+Stages:
+1. Data and splits: `natron.data.load_market` + `natron.dataset.build_dataset` (the same purged chronological
+   splits every phase uses). One symbol is traded (`rl.symbol`, default the first).
+2. Market rows: the bundle's `Predictor.predict_series` embeds every bar once (pooled encoder output, plus the
+   heads' probabilities when `rl.use_head_probs`); rows are standardised with mean/std of the TRAINING span.
+3. PPO (`natron.rl.ppo`): `rl.num_seeds` agents at once (`jax.vmap`), in jitted chunks of
+   `rl.checkpoint_every` updates; after each chunk an Orbax checkpoint in workdir/rl/checkpoints (a rerun
+   resumes from the latest one; a finished run is not retrained).
+4. Evaluation, costs included (`natron.backtest.run`): each seed's greedy policy on the validation span picks
+   the seed; that policy is then run once on the test span and compared with always-flat, buy-and-hold, the
+   supervised signal and random policies. Writes workdir/rl/policy_test.npz (position, close, time, symbol),
+   workdir/rl/metrics.json, workdir/rl/test/{metrics.json, table.md, equity.png}, train_metrics.jsonl, and the
+   chosen policy as a bundle in workdir/rl/policy/ (params + observation statistics).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from natron import backtest
+from natron import checkpoint
+from natron.errors import UserError
+from natron.rl import env as env_lib
+from natron.rl import ppo
+
+HEAD_KEYS = ('buy_prob', 'sell_prob', 'direction_probs', 'regime_probs')
+
+
+# ============================================================================================ market rows
+def market_rows(pred: dict, use_head_probs: bool) -> np.ndarray:
+  """float32 [T, D]: pooled embedding (+ buy, sell, direction[3], regime[6] probabilities) per bar."""
+  parts = [np.asarray(pred['encoded'], np.float32)]
+  if use_head_probs:
+    for key in HEAD_KEYS:
+      value = np.asarray(pred[key], np.float32)
+      parts.append(value[:, None] if value.ndim == 1 else value)
+  return np.concatenate(parts, axis=1)
+
+
+def standardise(rows: np.ndarray, first: int, train_end: int, clip: float = 10.0):
+  """(rows - mean) / std with statistics of rows [first, train_end) only; NaN rows (no prediction) -> 0.
+
+  Returns (standardised float32 [T, D], mean [D], std [D]). Constant columns keep std 1.
+  """
+  train = rows[first:train_end].astype(np.float64)
+  mean = train.mean(axis=0)
+  std = train.std(axis=0)
+  std = np.where(std > 1e-8, std, 1.0)
+  out = np.clip((rows - mean) / std, -clip, clip)
+  return np.nan_to_num(out, nan=0.0).astype(np.float32), mean.astype(np.float32), std.astype(np.float32)
+
+
+def _pick_bound(bounds: list[dict], symbol: str) -> dict:
+  if not symbol:
+    if len(bounds) > 1:
+      logging.warning('rl: %d symbols; trading the first (%s). Set rl.symbol to choose.', len(bounds),
+                      bounds[0]['symbol'])
+    return bounds[0]
+  for b in bounds:
+    if str(b['symbol']) == symbol:
+      return b
+  raise UserError(f'rl.symbol={symbol!r} is not in the data; symbols: {[b["symbol"] for b in bounds]}.')
+
+
+# ================================================================================================ phase
+def run_phase(config, workdir: str) -> dict:
+  from natron import data as data_lib          # pylint: disable=g-import-not-at-top
+  from natron import dataset as dataset_lib    # pylint: disable=g-import-not-at-top
+  from natron.predictor import Predictor       # pylint: disable=g-import-not-at-top
+
+  rl = config.rl
+  out_dir = os.path.join(workdir, 'rl')
+  os.makedirs(out_dir, exist_ok=True)
+
+  # --- 1. Data and splits --------------------------------------------------------------------------------
+  frame = data_lib.load_market(config.data)
+  ds = dataset_lib.build_dataset(frame, config)
+  bound = _pick_bound(ds.bounds, str(rl.get('symbol', '') or ''))
+  symbol, lo, hi = str(bound['symbol']), int(bound['start']), int(bound['stop'])
+  part = frame.iloc[lo:hi].reset_index(drop=True)
+  train_ends = ds.ends['train'][(ds.ends['train'] >= lo) & (ds.ends['train'] < hi)] - lo
+  if len(train_ends) == 0:
+    raise UserError(f'rl: symbol {symbol} has no training windows.')
+
+  # --- 2. Market rows: embeddings once, standardised on the training span --------------------------------
+  t0 = time.perf_counter()
+  predictor = Predictor.load(workdir, buckets=(), series_chunk=0)
+  pred = predictor.predict_series(part, with_encoded=True, progress=True, desc='rl: embed bars')
+  first = max(int(train_ends.min()), predictor.required_candles - 1)
+  train_end = int(bound['train_end']) - lo
+  val = (int(bound['val_start']) - lo, int(bound['val_end']) - lo)
+  test = (int(bound['test_start']) - lo, hi - lo)
+  rows, obs_mean, obs_std = standardise(market_rows(pred, bool(rl.use_head_probs)), first, train_end)
+  close = part['close'].to_numpy(np.float64)
+  spread = part['spread'].to_numpy(np.float64) if 'spread' in part else None
+  times = part['time'].to_numpy() if 'time' in part else None
+  sigma = float(np.std(np.diff(np.log(close[first:train_end]))))
+  cost_bps = float(rl.cost_bps) if float(rl.cost_bps) >= 0 else float(config.backtest.cost_bps)
+  env_params = env_lib.make_params(
+      rows, close, spread=spread, train_end=train_end, episode_length=int(rl.episode_length),
+      start_low=first, cost_bps=cost_bps, alpha=float(rl.alpha), beta=float(rl.beta),
+      reward_scale=float(rl.reward_scale) if float(rl.reward_scale) > 0 else 1.0 / sigma, pnl_scale=sigma)
+  env = env_lib.TradingEnv(rows.shape[1])
+  logging.info('rl: %s, %d bars; train episodes in [%d, %d), val [%d, %d), test [%d, %d); obs dim %d; '
+               'embedding took %.1f s', symbol, len(close), first, train_end, *val, *test, env.obs_shape[0],
+               time.perf_counter() - t0)
+
+  # --- 3. PPO in checkpointed chunks -----------------------------------------------------------------------
+  runner, trainer, train_info = train_agents(config, env, env_params, out_dir)
+
+  # --- 4. Evaluation on validation (seed choice) and test (the report) ------------------------------------
+  params = runner.train_state.params
+  bt_kw = dict(cost_bps=cost_bps, periods_per_year=float(config.backtest.periods_per_year),
+               timeframe=str(config.data.timeframe))
+
+  def backtest_span(position, span):
+    s, e = span
+    return backtest.run(close[s:e], position, spread=None if spread is None else spread[s:e],
+                        time=None if times is None else times[s:e], **bt_kw)
+
+  def positions(span):
+    s, e = span
+    if e - s < 2:
+      raise UserError(f'rl: the span [{s}, {e}) of {symbol} is too short to evaluate; use more data.')
+    fn = jax.jit(jax.vmap(lambda p, ep: trainer.evaluate(p, ep, s, e), in_axes=(0, None)))
+    return np.asarray(fn(params, env_params), np.float64)
+
+  val_returns = [backtest_span(p, val).metrics['total_return'] for p in positions(val)]
+  best = int(np.argmax(val_returns))
+  test_positions = positions(test)
+  test_returns = [backtest_span(p, test).metrics['total_return'] for p in test_positions]
+  position = test_positions[best]
+  s, e = test
+  results = {'ppo': backtest_span(position, test),
+             'supervised': backtest_span(backtest.signal_positions(pred['signal'][s:e]), test),
+             'buy_and_hold': backtest_span(backtest.buy_and_hold(e - s), test),
+             'flat': backtest_span(backtest.always_flat(e - s), test),
+             'random': backtest_span(backtest.random_policy(e - s, seed=int(config.seed)), test)}
+  random_returns = [backtest_span(backtest.random_policy(e - s, seed=int(config.seed) + k), test)
+                    .metrics['total_return'] for k in range(int(rl.random_seeds))]
+  test_time = None if times is None else times[s:e]
+  table = backtest.save_results(results, os.path.join(out_dir, 'test'), time=test_time,
+                                title=f'{symbol} test span, net of costs (PPO seed {best} chosen on validation)')
+  np.savez(os.path.join(out_dir, 'policy_test.npz'), position=position, close=close[s:e],
+           spread=np.asarray([]) if spread is None else spread[s:e],
+           time=np.asarray([]) if test_time is None else test_time, symbol=symbol, start_row=lo + s)
+  save_policy(os.path.join(out_dir, 'policy'), jax.tree.map(lambda x: np.asarray(x[best]), params), {
+      'symbol': symbol, 'seed_index': best, 'obs_mean': obs_mean, 'obs_std': obs_std, 'obs_clip': 10.0,
+      'use_head_probs': bool(rl.use_head_probs), 'num_features': int(rows.shape[1]),
+      'hidden': list(rl.hidden), 'activation': str(rl.activation), 'cost_bps': cost_bps,
+      'pnl_scale': sigma, 'episode_length': int(rl.episode_length),
+      'actions': {'0': 'short', '1': 'flat', '2': 'long'}, 'bundle': getattr(predictor, 'bundle_dir', '')})
+
+  ppo_m = results['ppo'].metrics
+  summary = {
+      'symbol': symbol,
+      'test_bars': e - s,
+      'test_total_return': ppo_m['total_return'],
+      'test_sharpe': ppo_m['sharpe'],
+      'test_max_drawdown': ppo_m['max_drawdown'],
+      'test_num_trades': ppo_m['num_trades'],
+      'test_total_cost': ppo_m['total_cost'],
+      'flat_total_return': results['flat'].metrics['total_return'],
+      'buy_and_hold_total_return': results['buy_and_hold'].metrics['total_return'],
+      'supervised_total_return': results['supervised'].metrics['total_return'],
+      'random_total_return_mean': float(np.mean(random_returns)),
+      'random_total_return_std': float(np.std(random_returns)),
+      'beats_flat': bool(ppo_m['total_return'] > results['flat'].metrics['total_return']),
+      'beats_random': bool(ppo_m['total_return'] > np.mean(random_returns)),
+      'chosen_seed': best,
+      'val_total_return_per_seed': [float(v) for v in val_returns],
+      'test_total_return_per_seed': [float(v) for v in test_returns],
+      'cost_bps': cost_bps,
+      **train_info,
+  }
+  with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
+    json.dump(summary, f, indent=2, default=float)
+  logging.info('rl: test span of %s, net of costs:\n%s', symbol, table)
+  return {k: v for k, v in summary.items() if not isinstance(v, list)}
+
+
+# =========================================================================================== training
+def _fingerprint(config, env: env_lib.TradingEnv) -> dict:
+  """What a checkpoint must agree on to be resumed (anything else would silently change the run)."""
+  rl = config.rl
+  keys = ('num_envs', 'num_steps', 'total_timesteps', 'update_epochs', 'minibatch_size', 'lr', 'anneal_lr',
+          'num_seeds', 'episode_length', 'alpha', 'beta', 'use_head_probs', 'gamma', 'gae_lambda', 'ent_coef')
+  return {'obs_dim': int(env.obs_shape[0]), 'hidden': list(rl.hidden), 'seed': int(config.seed),
+          **{k: rl[k] for k in keys}}
+
+
+def train_agents(config, env, env_params, out_dir: str):
+  """Trains (or resumes) `rl.num_seeds` agents; returns (runner vmapped over seeds, trainer, info dict)."""
+  rl = config.rl
+  num_seeds = int(rl.num_seeds)
+  trainer = ppo.make_trainer(rl, env, env_params)
+  chunk = max(1, min(int(rl.checkpoint_every), trainer.num_updates))
+  # Raw uint32 keys (not typed key arrays): the runner state goes through Orbax as plain arrays.
+  keys = jax.random.split(jax.random.PRNGKey(int(config.seed)), num_seeds)
+  init = jax.vmap(trainer.init, in_axes=(0, None))
+  manager = checkpoint.make_manager(os.path.join(out_dir, 'checkpoints'), max_to_keep=1)
+  fingerprint = _fingerprint(config, env)
+  # The restore target is abstract (eval_shape): a resumed run compiles no initialisation.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          jax.eval_shape(init, keys, env_params))
+  restored = checkpoint.restore_latest(manager, abstract)
+  if restored is None:
+    runner = jax.jit(init)(keys, env_params)
+  else:
+    saved_runner, meta = restored
+    if meta.get('fingerprint') != json.loads(json.dumps(fingerprint)):
+      raise checkpoint.CheckpointError(
+          f'{manager.directory} holds a PPO run with other settings ({meta.get("fingerprint")}); use a new '
+          f'workdir or delete that folder to start afresh.')
+    runner = saved_runner
+    logging.info('rl: resuming from update %d of %d', int(runner.update[0]), trainer.num_updates)
+  done = int(np.asarray(runner.update)[0])
+  compiled = {}
+  metrics_path = os.path.join(out_dir, 'train_metrics.jsonl')
+  start = time.perf_counter()
+  steps_run, run_seconds = 0, 0.0
+  while done < trainer.num_updates:
+    n = min(chunk, trainer.num_updates - done)
+    fresh = n not in compiled   # the first call of each chunk size includes its compilation
+    if fresh:
+      compiled[n] = jax.jit(jax.vmap(lambda r, p, n=n: trainer.run(r, p, n), in_axes=(0, None)))
+    t0 = time.perf_counter()
+    runner, metrics = compiled[n](runner, env_params)
+    metrics = jax.device_get(metrics)
+    seconds = time.perf_counter() - t0
+    if not fresh:
+      steps_run += n * trainer.batch_size * num_seeds
+      run_seconds += seconds
+    _check_finite(metrics, done)
+    _append_metrics(metrics_path, metrics, done, int(rl.log_every))
+    done += n
+    checkpoint.save(manager, done, runner, {'fingerprint': fingerprint, 'update': done,
+                                           'num_updates': trainer.num_updates},
+                    metrics={'episode_net_profit': float(np.nanmean(metrics['episode_net_profit'][:, -1]))})
+  info = {'num_updates': trainer.num_updates, 'env_steps_per_seed': trainer.num_updates * trainer.batch_size,
+          'num_seeds': num_seeds, 'train_seconds': round(time.perf_counter() - start, 1),
+          'env_steps_per_s': round(steps_run / run_seconds) if run_seconds > 0 else None}
+  logging.info('rl: training done: %s', info)
+  return runner, trainer, info
+
+
+def _check_finite(metrics: dict, first_update: int) -> None:
+  for key in ('loss/value', 'loss/policy', 'grad_norm'):
+    bad = ~np.isfinite(np.asarray(metrics[key]))
+    if bad.any():
+      update = first_update + int(np.argwhere(bad)[0][-1]) + 1
+      raise FloatingPointError(f'rl: non-finite {key} at update {update}; lower rl.lr or check the inputs.')
+
+
+def _append_metrics(path: str, metrics: dict, first_update: int, every: int) -> None:
+  """One JSON line per `every` updates: the mean over seeds of each metric (and per-seed episode profit)."""
+  n = np.asarray(metrics['reward']).shape[1]
+  with open(path, 'a') as f:
+    for i in range(n):
+      update = first_update + i + 1
+      if update % every and i != n - 1:
+        continue
+      line = {'update': update}
+      for key, value in metrics.items():
+        column = np.asarray(value)[:, i]
+        line[key] = float(np.nanmean(column)) if np.isfinite(column).any() else None
+      line['episode_net_profit_per_seed'] = [None if not np.isfinite(v) else float(v)
+                                             for v in np.asarray(metrics['episode_net_profit'])[:, i]]
+      f.write(json.dumps(line) + '\n')
+
+
+def save_policy(directory: str, params, meta: dict) -> str:
+  """The chosen policy's params + everything needed to rebuild its observations, as a bundle directory."""
+  return checkpoint.save_bundle(directory, params, {'kind': 'natron-ppo-policy', **meta})
+
+
+def load_policy(directory: str) -> tuple[dict, dict]:
+  """(params, meta) saved by `save_policy`; rebuild the network with `ppo.ActorCritic(3, meta['hidden'],
+  meta['activation'])`."""
+  params, meta = checkpoint.load_bundle(directory)
+  if meta.get('kind') != 'natron-ppo-policy':
+    raise checkpoint.CheckpointError(f'{directory} is not a PPO policy bundle.')
+  return params, meta
