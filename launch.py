@@ -119,8 +119,18 @@ def _fmt(v):
   return f'{v:.4g}' if isinstance(v, float) else str(v)
 
 
+class _QuietLibraries:
+  """Drops INFO lines from libraries (Orbax logs every checkpoint step) so progress lines stay readable."""
+  NOISY = ('/orbax/', '/etils/', '/jax/_src/')
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(n in record.pathname for n in self.NOISY)
+
+
 def main(argv):
   del argv
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  std_logging.getLogger('absl').addFilter(_QuietLibraries())
   from natron.errors import UserError  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   if config.get('distributed', False):

@@ -51,6 +51,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.num_layers = 6
   config.model.d_ff = 1024
   config.model.dropout = 0.1
+  config.model.attention_dropout = 0.1       # on the attention weights
+  config.model.dropout_impl = 'hash'         # counter-hash masks (1.4x faster step on CPU); 'jax': jax.random
   config.model.pooling = 'mean'              # mean | cls | attention
   config.model.pos_encoding = 'sinusoidal'   # sinusoidal | learned
   config.model.head_hidden = 128

@@ -1,0 +1,326 @@
+"""Natron's Transformer: one encoder shared by the multi-task model, pretraining, PPO and inspection.
+
+  x [batch, window, features]
+    -> Dense(d_model) -> (+ learned mask token where pretraining masks a step) -> positional encoding
+    -> num_layers pre-LayerNorm blocks (self-attention, GELU feed-forward, dropout) -> final LayerNorm
+    -> pooling (mean | cls | attention) -> encoded [batch, d_model]
+    -> heads: buy [B, 2], sell [B, 2], direction [B, 3], regime [B, 6] logits
+
+Parameter layout (fine-tuning and PPO rely on it): everything up to and including the pooled embedding lives
+under `params['encoder']`, the four task heads under `params['heads'][task]`. `NatronPretrain` uses the very
+same `Encoder`, so `pretrain_params['encoder']` drops into `NatronModel` params unchanged.
+
+Precision: `dtype` is the compute dtype of the matmuls ('float32' or 'bfloat16'), `param_dtype` the storage
+dtype. The residual stream, LayerNorm statistics, softmax and every logit stay float32, so bfloat16 compute
+changes logits only by matmul rounding.
+
+Dropout (rate `dropout`, also on the attention weights unless `attention_dropout` is set) draws its masks
+from a counter-based hash (`Dropout`, impl 'hash') rather than jax.random.bernoulli: the same Bernoulli
+masks in distribution, at a small fraction of threefry's cost on CPU (`model.dropout_impl = 'jax'` restores
+flax's behaviour). See experiments/bench_train.py.
+"""
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Output sizes of the supervised heads, in the order of natron.labels' class tuples.
+HEAD_CLASSES = {'buy': 2, 'sell': 2, 'direction': 3, 'regime': 6}
+POOLINGS = ('mean', 'cls', 'attention')
+POS_ENCODINGS = ('sinusoidal', 'learned')
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def _dtype(name) -> Any:
+  if not isinstance(name, str):
+    return jnp.dtype(name)
+  if name not in _DTYPES:
+    raise ValueError(f'Unknown dtype {name!r}; expected one of {sorted(_DTYPES)}.')
+  return _DTYPES[name]
+
+
+def _get(config, key: str, default=None):
+  """Reads a key from a ConfigDict, FrozenConfigDict or plain mapping, with a default."""
+  if isinstance(config, Mapping):
+    return config.get(key, default)
+  return config.get(key, default) if hasattr(config, 'get') else getattr(config, key, default)
+
+
+def sinusoidal_encoding(window: int, d_model: int) -> np.ndarray:
+  """Fixed 'Attention is all you need' encoding, float32 [window, d_model] (float64 on the host)."""
+  position = np.arange(window, dtype=np.float64)[:, None]
+  div = np.exp(np.arange(0, d_model, 2, dtype=np.float64) * (-np.log(10000.0) / d_model))
+  table = np.zeros((window, d_model), np.float64)
+  table[:, 0::2] = np.sin(position * div)
+  table[:, 1::2] = np.cos(position * div)[:, : d_model // 2]
+  return table.astype(np.float32)
+
+
+def _fmix32(h):
+  """MurmurHash3's 32-bit finaliser: a bijection with full avalanche (each input bit flips ~half the output)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def hash_bits(shape, seeds) -> jax.Array:
+  """uint32 pseudo-random bits of `shape` from two uint32 seeds: a counter-based hash of the element index.
+
+  Two seeded rounds (index + seed0 -> fmix32 -> xor seed1 -> fmix32) so masks of different calls are
+  unrelated, not shifted copies of one sequence. About 10 vectorised integer ops per element: on CPU this
+  is ~50x cheaper than jax.random.bernoulli (threefry: 20 rounds per pair of words), which otherwise costs
+  more than half of a training step. Under jit with a sharded batch the iota is global, so the bits do not
+  depend on the device count.
+  """
+  index = jax.lax.iota(jnp.uint32, int(np.prod(shape))).reshape(shape)
+  h = _fmix32((index + seeds[0]) * jnp.uint32(0x9E3779B9))
+  return _fmix32(h ^ seeds[1])
+
+
+class Dropout(nn.Module):
+  """Inverted dropout (zero with probability `rate`, scale the rest by 1 / (1 - rate)).
+
+  impl 'hash' (default) draws the keep mask from `hash_bits` seeded by the module's 'dropout' RNG stream;
+  impl 'jax' uses jax.random.bernoulli (flax's nn.Dropout). Same distribution, different random stream.
+  """
+  rate: float
+  deterministic: bool
+  impl: str = 'hash'
+
+  @nn.compact
+  def __call__(self, x):
+    if self.deterministic or self.rate == 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    key = self.make_rng('dropout')
+    if self.impl == 'jax':
+      keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+    elif self.impl == 'hash':
+      threshold = min(int(round(self.rate * 2.0 ** 32)), 2 ** 32 - 1)
+      keep = hash_bits(x.shape, jax.random.bits(key, (2,), jnp.uint32)) >= jnp.uint32(threshold)
+    else:
+      raise ValueError(f"Unknown dropout impl {self.impl!r}; expected 'hash' or 'jax'.")
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - self.rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention that also returns its weights [batch, heads, window, window] (float32).
+
+  Written out (not nn.MultiHeadDotProductAttention) so the softmax runs in float32 and the weights can be
+  returned for inspection; q, k and v come from one fused Dense because one large matmul is faster on CPU.
+  """
+  num_heads: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  dropout_impl: str = 'hash'
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    d_model = x.shape[-1]
+    if d_model % self.num_heads:
+      raise ValueError(f'd_model={d_model} is not divisible by num_heads={self.num_heads}.')
+    head_dim = d_model // self.num_heads
+    init = nn.initializers.xavier_uniform()
+    qkv = nn.DenseGeneral((3, self.num_heads, head_dim), use_bias=False, kernel_init=init, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name='qkv')(x)   # [B, W, 3, H, Dh]
+    # No key bias: it adds q.b_k to every logit of a query row, which the softmax cancels, so its gradient
+    # is pure rounding noise that Adam would amplify into random drift.
+    qv_bias = self.param('qv_bias', nn.initializers.zeros_init(), (2, self.num_heads, head_dim),
+                         self.param_dtype).astype(self.dtype)
+    q, k, v = qkv[:, :, 0] + qv_bias[0], qkv[:, :, 1], qkv[:, :, 2] + qv_bias[1]
+    q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1)                             # float32 [B, H, W, W]
+    dropped = Dropout(self.dropout, not train, self.dropout_impl)(weights)
+    out = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(self.dtype), v)
+    out = nn.DenseGeneral(d_model, axis=(-2, -1), kernel_init=init, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name='out')(out)
+    return out, weights
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LayerNorm Transformer block: x + Drop(Attn(LN(x))), then x + Drop(FF(LN(x))). Residuals stay f32."""
+  num_heads: int
+  d_ff: int
+  dropout: float
+  attention_dropout: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  dropout_impl: str = 'hash'
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform())
+    h = nn.LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name='ln_attn')(x)
+    h, weights = SelfAttention(self.num_heads, self.attention_dropout, self.dtype, self.param_dtype,
+                               self.dropout_impl, name='attn')(h, train=train)
+    x = x + Dropout(self.dropout, not train, self.dropout_impl)(h).astype(jnp.float32)
+    h = nn.LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name='ln_ff')(x)
+    h = nn.Dense(self.d_ff, name='ff_in', **dense)(h)
+    h = nn.gelu(h, approximate=False)
+    h = Dropout(self.dropout, not train, self.dropout_impl)(h)
+    h = nn.Dense(x.shape[-1], name='ff_out', **dense)(h)
+    x = x + Dropout(self.dropout, not train, self.dropout_impl)(h).astype(jnp.float32)
+    return x, weights
+
+
+class Encoder(nn.Module):
+  """[B, W, F] -> (sequence [B, W, d_model] f32, encoded [B, d_model] f32, attention list).
+
+  `step_mask` [B, W] bool (pretraining only) replaces the embedded steps where it is True by `mask_token`
+  [d_model], a parameter owned by the caller so the encoder's parameters are identical with and without it.
+  With 'cls' pooling the attention weights cover W + 1 positions, the CLS token first.
+  """
+  d_model: int
+  num_heads: int
+  num_layers: int
+  d_ff: int
+  dropout: float
+  attention_dropout: float
+  pooling: str = 'mean'
+  pos_encoding: str = 'sinusoidal'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  dropout_impl: str = 'hash'
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, step_mask=None, mask_token=None):
+    if self.pooling not in POOLINGS:
+      raise ValueError(f'Unknown pooling {self.pooling!r}; expected one of {POOLINGS}.')
+    if self.pos_encoding not in POS_ENCODINGS:
+      raise ValueError(f'Unknown pos_encoding {self.pos_encoding!r}; expected one of {POS_ENCODINGS}.')
+    batch, window, _ = x.shape
+    h = nn.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=nn.initializers.xavier_uniform(), name='embed')(x).astype(jnp.float32)
+    if step_mask is not None:
+      h = jnp.where(step_mask[..., None], mask_token.astype(jnp.float32)[None, None, :], h)
+    if self.pos_encoding == 'sinusoidal':
+      h = h + jnp.asarray(sinusoidal_encoding(window, self.d_model))[None]
+    else:
+      table = self.param('pos_embedding', nn.initializers.normal(0.02), (window, self.d_model),
+                         self.param_dtype)
+      h = h + table.astype(jnp.float32)[None]
+    if self.pooling == 'cls':
+      cls = self.param('cls_token', nn.initializers.normal(0.02), (self.d_model,), self.param_dtype)
+      h = jnp.concatenate([jnp.broadcast_to(cls.astype(jnp.float32), (batch, 1, self.d_model)), h], axis=1)
+    h = Dropout(self.dropout, not train, self.dropout_impl)(h)
+    attention = []
+    for i in range(self.num_layers):
+      h, weights = EncoderBlock(self.num_heads, self.d_ff, self.dropout, self.attention_dropout, self.dtype,
+                                self.param_dtype, self.dropout_impl, name=f'block_{i}')(h, train=train)
+      attention.append(weights)
+    h = nn.LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name='ln_final')(h)
+    if self.pooling == 'cls':
+      encoded, sequence = h[:, 0], h[:, 1:]
+    elif self.pooling == 'mean':
+      sequence = h
+      encoded = h.mean(axis=1)
+    else:
+      sequence = h
+      scores = nn.Dense(1, dtype=jnp.float32, param_dtype=self.param_dtype, name='pool_score')(h)[..., 0]
+      encoded = jnp.einsum('bw,bwd->bd', jax.nn.softmax(scores, axis=-1), h)
+    return sequence, encoded, attention
+
+
+def make_encoder(config, name: str = 'encoder') -> Encoder:
+  """The Encoder described by a `config.model` section (ConfigDict or mapping)."""
+  dropout = float(_get(config, 'dropout', 0.1))
+  return Encoder(
+      d_model=int(_get(config, 'd_model', 256)),
+      num_heads=int(_get(config, 'num_heads', 8)),
+      num_layers=int(_get(config, 'num_layers', 6)),
+      d_ff=int(_get(config, 'd_ff', 1024)),
+      dropout=dropout,
+      attention_dropout=float(_get(config, 'attention_dropout', dropout)),
+      pooling=str(_get(config, 'pooling', 'mean')),
+      pos_encoding=str(_get(config, 'pos_encoding', 'sinusoidal')),
+      dtype=_dtype(_get(config, 'dtype', 'float32')),
+      param_dtype=_dtype(_get(config, 'param_dtype', 'float32')),
+      dropout_impl=str(_get(config, 'dropout_impl', 'hash')),
+      name=name)
+
+
+class MLPHead(nn.Module):
+  """Dense(hidden) -> GELU -> Dropout -> Dense(out); the output layer computes in float32."""
+  hidden: int
+  out: int
+  dropout: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  dropout_impl: str = 'hash'
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name='hidden')(x)
+    h = Dropout(self.dropout, not train, self.dropout_impl)(nn.gelu(h, approximate=False))
+    return nn.Dense(self.out, dtype=jnp.float32, param_dtype=self.param_dtype, name='out')(h)
+
+
+class Heads(nn.Module):
+  """The four supervised heads on the pooled embedding: {task: logits float32 [B, classes]}."""
+  hidden: int
+  dropout: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  dropout_impl: str = 'hash'
+
+  @nn.compact
+  def __call__(self, encoded, *, train: bool):
+    return {task: MLPHead(self.hidden, n, self.dropout, self.dtype, self.param_dtype, self.dropout_impl,
+                          name=task)(encoded, train=train) for task, n in HEAD_CLASSES.items()}
+
+
+class NatronModel(nn.Module):
+  """Multi-task model. `config` is the `config.model` section.
+
+  __call__(x float32 [B, W, F], *, train, return_attention=False) -> dict with buy [B, 2], sell [B, 2],
+  direction [B, 3], regime [B, 6] logits (float32), encoded [B, d_model] (float32) and, when asked,
+  attention: list (one per layer) of float32 [B, heads, W, W] softmax weights.
+  Dropout draws from the 'dropout' RNG stream when train=True.
+  """
+  config: Any
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, return_attention: bool = False):
+    _, encoded, attention = make_encoder(self.config)(x, train=train)
+    cfg = self.config
+    heads = Heads(int(_get(cfg, 'head_hidden', 128)), float(_get(cfg, 'dropout', 0.1)),
+                  _dtype(_get(cfg, 'dtype', 'float32')), _dtype(_get(cfg, 'param_dtype', 'float32')),
+                  str(_get(cfg, 'dropout_impl', 'hash')), name='heads')(encoded, train=train)
+    out = dict(heads, encoded=encoded)
+    if return_attention:
+      out['attention'] = attention
+    return out
+
+
+class NatronPretrain(nn.Module):
+  """Self-supervised wrapper: the same 'encoder' + reconstruction and projection heads + a mask token.
+
+  __call__(x [B, W, F], mask [B, W] bool (True = replaced by the learned mask token), *, train) ->
+  dict(reconstruction float32 [B, W, F] (per-step linear map back to the F features), projection float32
+  [B, projection_dim] (MLP for InfoNCE), encoded float32 [B, d_model]). `mask=None` encodes the window
+  unmasked (used for the contrastive views).
+  """
+  config: Any
+  projection_dim: int = 64
+
+  @nn.compact
+  def __call__(self, x, mask=None, *, train: bool):
+    cfg = self.config
+    d_model = int(_get(cfg, 'd_model', 256))
+    param_dtype = _dtype(_get(cfg, 'param_dtype', 'float32'))
+    dtype = _dtype(_get(cfg, 'dtype', 'float32'))
+    mask_token = self.param('mask_token', nn.initializers.normal(0.02), (d_model,), param_dtype)
+    sequence, encoded, _ = make_encoder(cfg)(x, train=train, step_mask=mask, mask_token=mask_token)
+    reconstruction = nn.Dense(x.shape[-1], dtype=jnp.float32, param_dtype=param_dtype,
+                              name='reconstruction')(sequence)
+    h = nn.Dense(d_model, dtype=dtype, param_dtype=param_dtype, name='projection_hidden')(encoded)
+    projection = nn.Dense(self.projection_dim, dtype=jnp.float32, param_dtype=param_dtype,
+                          name='projection_out')(nn.gelu(h, approximate=False))
+    return dict(reconstruction=reconstruction, projection=projection, encoded=encoded)

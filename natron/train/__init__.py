@@ -1,0 +1,1 @@
+"""Training phases: state (optimizer, sharding, logging), pretrain, finetune, evaluate, inspect."""

@@ -1,0 +1,297 @@
+"""NatronModel / NatronPretrain, the losses, and the shared training step (tiny sizes, CPU)."""
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from natron import losses
+from natron import model as model_lib
+from natron.train import state as state_lib
+
+B, W, F = 8, 16, 8
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _fast_compile():
+  """Tiny models do not need XLA's optimisation passes; skipping them makes compiling several times faster."""
+  old = jax.config.values['jax_disable_most_optimizations']
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', old)
+
+
+def tiny_config(**overrides):
+  cfg = dict(d_model=32, num_heads=4, num_layers=2, d_ff=64, dropout=0.1, pooling='mean',
+             pos_encoding='sinusoidal', head_hidden=16, dtype='float32', param_dtype='float32')
+  cfg.update(overrides)
+  return ml_collections.ConfigDict(cfg)
+
+
+def inputs(seed=0, batch=B):
+  return jax.random.normal(jax.random.PRNGKey(seed), (batch, W, F), jnp.float32)
+
+
+def labelled_batch(seed=0):
+  rng = np.random.default_rng(seed)
+  return dict(x=np.asarray(inputs(seed)),
+              buy=rng.integers(0, 2, B).astype(np.int32), sell=rng.integers(0, 2, B).astype(np.int32),
+              direction=rng.integers(0, 3, B).astype(np.int32), regime=rng.integers(0, 6, B).astype(np.int32),
+              weight=np.ones(B, np.float32), mask=np.ones(B, np.float32))
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+@pytest.mark.parametrize('pooling,pos', [('mean', 'sinusoidal'), ('cls', 'learned'), ('attention', 'sinusoidal')])
+def test_output_shapes_dtypes_and_attention(pooling, pos):
+  model = model_lib.NatronModel(tiny_config(pooling=pooling, pos_encoding=pos))
+  x = inputs()
+  params = model.init(jax.random.PRNGKey(1), x, train=False)['params']
+  assert set(params) == {'encoder', 'heads'}
+  assert set(params['heads']) == {'buy', 'sell', 'direction', 'regime'}
+  out = model.apply({'params': params}, x, train=False, return_attention=True)
+  for task, n in model_lib.HEAD_CLASSES.items():
+    assert out[task].shape == (B, n) and out[task].dtype == jnp.float32
+  assert out['encoded'].shape == (B, 32) and out['encoded'].dtype == jnp.float32
+  seq = W + 1 if pooling == 'cls' else W
+  assert len(out['attention']) == 2
+  for weights in out['attention']:
+    assert weights.shape == (B, 4, seq, seq) and weights.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(weights.sum(-1)), 1.0, atol=1e-5)
+    assert float(weights.min()) >= 0.0
+  assert 'attention' not in model.apply({'params': params}, x, train=False)
+
+
+def test_bf16_compute_keeps_f32_params_and_logits_close_to_f32():
+  x = inputs()
+  f32 = model_lib.NatronModel(tiny_config())
+  bf16 = model_lib.NatronModel(tiny_config(dtype='bfloat16'))
+  params = f32.init(jax.random.PRNGKey(1), x, train=False)['params']
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(bf16.init(jax.random.PRNGKey(1), x,
+                                                                        train=False)['params']))
+  ref = f32.apply({'params': params}, x, train=False)
+  low = bf16.apply({'params': params}, x, train=False)
+  for task in model_lib.HEAD_CLASSES:
+    assert low[task].dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(low[task]), np.asarray(ref[task]), atol=0.1, rtol=0.05)
+  assert not np.array_equal(np.asarray(low['buy']), np.asarray(ref['buy']))   # it really computed in bf16
+
+
+def test_dropout_only_in_training_and_seeded():
+  model = model_lib.NatronModel(tiny_config(dropout=0.3))
+  x = inputs()
+  params = model.init(jax.random.PRNGKey(1), x, train=False)['params']
+  run = lambda seed: np.asarray(model.apply({'params': params}, x, train=True,
+                                            rngs={'dropout': jax.random.PRNGKey(seed)})['encoded'])
+  np.testing.assert_array_equal(run(0), run(0))
+  assert not np.allclose(run(0), run(1))
+  a = model.apply({'params': params}, x, train=False)['encoded']
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(model.apply({'params': params}, x,
+                                                                      train=False)['encoded']))
+
+
+def test_hash_dropout_keeps_the_configured_share_independently():
+  seeds = [jnp.array([1, 2], jnp.uint32), jnp.array([1, 3], jnp.uint32), jnp.array([2, 2], jnp.uint32)]
+  threshold = jnp.uint32(int(0.1 * 2 ** 32))
+  masks = [np.asarray(model_lib.hash_bits((64, 96, 32), s) >= threshold) for s in seeds]
+  for mask in masks:
+    assert abs(mask.mean() - 0.9) < 0.003                 # 196k draws: 4 standard deviations ~ 0.0027
+    flat = mask.ravel().astype(np.float64)
+    assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 0.01   # neighbours are independent
+  for i, j in [(0, 1), (0, 2), (1, 2)]:                   # different seeds give unrelated masks
+    assert abs(np.corrcoef(masks[i].ravel(), masks[j].ravel())[0, 1]) < 0.01
+  x = jnp.ones((256, 64))
+  for impl in ('hash', 'jax'):
+    y = model_lib.Dropout(0.25, False, impl).apply({}, x, rngs={'dropout': jax.random.PRNGKey(0)})
+    np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 4 / 3], rtol=1e-6)
+    assert abs(float((y == 0).mean()) - 0.25) < 0.01
+
+
+def test_pretrain_encoder_params_load_into_natron_model():
+  cfg = tiny_config(pooling='attention')
+  x = inputs()
+  no_mask = jnp.zeros((B, W), bool)
+  pre = model_lib.NatronPretrain(cfg, projection_dim=12)
+  pre_params = pre.init(jax.random.PRNGKey(2), x, no_mask, train=False)['params']
+  full = model_lib.NatronModel(cfg)
+  params = full.init(jax.random.PRNGKey(3), x, train=False)['params']
+  chex.assert_trees_all_equal_shapes_and_dtypes(pre_params['encoder'], params['encoder'])
+  params = dict(params, encoder=pre_params['encoder'])
+  pre_out = pre.apply({'params': pre_params}, x, no_mask, train=False)
+  assert pre_out['reconstruction'].shape == (B, W, F) and pre_out['projection'].shape == (B, 12)
+  np.testing.assert_allclose(np.asarray(full.apply({'params': params}, x, train=False)['encoded']),
+                             np.asarray(pre_out['encoded']), atol=1e-6)
+
+
+def test_mask_token_hides_masked_steps():
+  cfg = tiny_config(dropout=0.0)
+  pre = model_lib.NatronPretrain(cfg)
+  x = inputs()
+  mask = jnp.zeros((B, W), bool).at[:, 3:7].set(True)
+  params = pre.init(jax.random.PRNGKey(2), x, mask, train=False)['params']
+  noisy = x.at[:, 3:7].add(100.0)
+  a = pre.apply({'params': params}, x, mask, train=False)
+  b = pre.apply({'params': params}, noisy, mask, train=False)
+  np.testing.assert_allclose(np.asarray(a['reconstruction']), np.asarray(b['reconstruction']), atol=1e-5)
+  c = pre.apply({'params': params}, noisy, None, train=False)
+  assert not np.allclose(np.asarray(a['encoded']), np.asarray(c['encoded']), atol=1e-3)
+
+
+def test_bad_model_config_is_rejected():
+  with pytest.raises(ValueError, match='pooling'):
+    model_lib.NatronModel(tiny_config(pooling='max')).init(jax.random.PRNGKey(0), inputs(), train=False)
+  with pytest.raises(ValueError, match='divisible'):
+    model_lib.NatronModel(tiny_config(num_heads=5)).init(jax.random.PRNGKey(0), inputs(), train=False)
+
+
+# ----------------------------------------------------------------------------------------------- losses
+
+
+def _np_log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_focal_loss_matches_hand_computed_values():
+  logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, -1.0, 0.0], [0.0, 3.0, 0.0]], np.float32)
+  labels = np.array([0, 2, -1, 1])
+  log_p = _np_log_softmax(logits.astype(np.float64))
+  valid = labels >= 0
+  lp = log_p[np.arange(4), np.where(valid, labels, 0)]
+  ce = -lp[valid].mean()
+  # gamma=0 is cross entropy over the labelled rows only.
+  np.testing.assert_allclose(float(losses.focal_loss(logits, labels, gamma=0.0)), ce, rtol=1e-6)
+  focal = (-(1 - np.exp(lp)) ** 2 * lp)[valid].mean()
+  np.testing.assert_allclose(float(losses.focal_loss(logits, labels, gamma=2.0)), focal, rtol=1e-5)
+  cw, sw, mask = np.array([1.0, 2.0, 0.5]), np.array([0.5, 1.0, 3.0, 2.0]), np.array([1.0, 1.0, 1.0, 0.0])
+  w = cw[np.where(valid, labels, 0)] * sw * mask * valid
+  weighted = (w * -lp).sum() / w.sum()
+  got = losses.focal_loss(logits, labels, gamma=0.0, class_weights=cw, sample_weights=sw, mask=mask)
+  np.testing.assert_allclose(float(got), weighted, rtol=1e-6)
+  assert float(losses.focal_loss(logits, -np.ones(4, int), gamma=2.0)) == 0.0
+
+
+def test_multitask_loss_is_weighted_sum():
+  rng = np.random.default_rng(0)
+  outputs = {t: rng.normal(size=(B, n)).astype(np.float32) for t, n in model_lib.HEAD_CLASSES.items()}
+  batch = labelled_batch()
+  batch['regime'][:3] = -1
+  weights = dict(buy=1.0, sell=0.5, direction=2.0, regime=0.25)
+  cw = {'direction': [1.0, 2.0, 3.0]}
+  loss, metrics = losses.multitask_loss(outputs, batch, task_weights=weights, class_weights=cw, gamma=1.0)
+  expected = sum(w * float(losses.focal_loss(outputs[t], batch[t], gamma=1.0, class_weights=cw.get(t),
+                                             sample_weights=batch['weight'], mask=batch['mask']))
+                 for t, w in weights.items())
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+  assert loss.dtype == jnp.float32 and float(metrics['loss']) == float(loss)
+  acc = (outputs['regime'].argmax(-1) == batch['regime'])[3:].mean()
+  np.testing.assert_allclose(float(metrics['accuracy_regime']), acc, rtol=1e-6)
+
+
+def test_masked_mse_counts_only_masked_steps():
+  rng = np.random.default_rng(1)
+  pred, target = rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4, 3))
+  mask = np.array([[1, 0, 0, 1], [0, 0, 1, 0]], bool)
+  expected = ((pred - target) ** 2)[mask].mean()
+  np.testing.assert_allclose(float(losses.masked_mse(pred, target, mask)), expected, rtol=1e-6)
+  assert float(losses.masked_mse(pred, target, np.zeros_like(mask))) == 0.0
+
+
+def test_info_nce_hand_computed_and_identical_vs_random_views():
+  rng = np.random.default_rng(2)
+  z1, z2 = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+  n1 = z1 / np.linalg.norm(z1, axis=1, keepdims=True)
+  n2 = z2 / np.linalg.norm(z2, axis=1, keepdims=True)
+  logits = n1 @ n2.T / 0.5
+  expected = 0.5 * (-np.diag(_np_log_softmax(logits)).mean() - np.diag(_np_log_softmax(logits.T)).mean())
+  np.testing.assert_allclose(float(losses.info_nce(z1, z2, 0.5)), expected, rtol=1e-5)
+  a, b = rng.normal(size=(6, 16)), rng.normal(size=(6, 16))
+  # Identical views: the positive dominates every row (loss -> 0); unrelated views: about log(6).
+  assert float(losses.info_nce(a, a, 0.1)) < 0.05
+  assert float(losses.info_nce(a, b, 0.1)) > 1.0
+  # A padding row is neither an anchor nor a negative: same loss as dropping it.
+  mask = np.array([1, 1, 1, 1, 1, 0.0])
+  np.testing.assert_allclose(float(losses.info_nce(z1, z2, 0.5, mask=mask)),
+                             float(losses.info_nce(z1[:5], z2[:5], 0.5)), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- optimizer / step
+
+
+def test_schedule_warms_up_then_decays():
+  section = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=10, min_lr_frac=0.1))
+  sched = state_lib.make_schedule(section, 100)
+  assert float(sched(0)) == 0.0
+  np.testing.assert_allclose(float(sched(10)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(100)), 1e-4, rtol=1e-5)
+  assert float(sched(5)) < float(sched(10)) and float(sched(50)) < float(sched(10))
+
+
+def _model_and_batch(dropout=0.0):
+  model = model_lib.NatronModel(tiny_config(dropout=dropout, num_layers=1))
+  init = lambda rng, b: model.init(rng, b['x'], train=False)['params']
+
+  def loss_fn(params, batch, rng):
+    out = model.apply({'params': params}, batch['x'], train=True, rngs={'dropout': rng})
+    return losses.multitask_loss(out, batch, task_weights=dict(buy=1, sell=1, direction=1, regime=1))
+
+  return init, loss_fn, labelled_batch()
+
+
+def test_freeze_encoder_and_encoder_lr_mult():
+  params = {'encoder': {'w': jnp.ones((3, 3)), 'b': jnp.ones(3)}, 'heads': {'w': jnp.ones((3, 2))}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  section = ml_collections.ConfigDict(dict(lr=1e-2, weight_decay=0.0))
+  deltas = {}
+  for name, kw in dict(frozen=dict(freeze_encoder=True), slow=dict(encoder_lr_mult=0.1), full={}).items():
+    opt = state_lib.make_optimizer(section, 10, **kw)
+    updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+    deltas[name] = {k: float(state_lib.tree_norm(updates[k])) for k in ('encoder', 'heads')}
+  assert deltas['frozen']['encoder'] == 0.0 and deltas['frozen']['heads'] > 0
+  np.testing.assert_allclose(deltas['slow']['encoder'], 0.1 * deltas['full']['encoder'], rtol=1e-4)
+  np.testing.assert_allclose(deltas['slow']['heads'], deltas['full']['heads'], rtol=1e-5)
+
+
+def test_train_step_reduces_loss_without_recompiling():
+  init, loss_fn, batch = _model_and_batch(dropout=0.1)
+  mesh = state_lib.make_mesh()
+  opt = state_lib.make_optimizer(ml_collections.ConfigDict(dict(lr=3e-3, warmup_steps=2)), 30)
+  state = state_lib.init_state(init, opt, batch, jax.random.PRNGKey(0), mesh)
+  # The loss function is traced once per compilation: a second trace means the step recompiled.
+  step = state_lib.make_train_step(chex.assert_max_traces(loss_fn, n=1), opt, mesh)
+  rng = jax.random.PRNGKey(1)
+  sharded = state_lib.shard_batch(batch, mesh)
+  losses_seen = []
+  for _ in range(15):
+    state, metrics = step(state, sharded, rng)
+    losses_seen.append(float(metrics['loss']))
+  assert int(state.step) == 15
+  assert losses_seen[-1] < 0.7 * losses_seen[0]
+  assert set(metrics) >= {'loss', 'grad_norm', 'param_norm', 'accuracy_buy'}
+  assert all(np.isfinite(float(metrics[k])) and float(metrics[k]) > 0 for k in ('grad_norm', 'param_norm'))
+
+
+def test_logger_names_the_first_non_finite_step_and_writes_metrics(tmp_path):
+  writer = state_lib.MetricWriter(str(tmp_path), 'unit')
+  logger = state_lib.TrainLogger(writer, total_steps=20, batch_size=4, log_every=5)
+  for step in range(1, 6):
+    logger.update(step, {'loss': jnp.float32(1.0 / step), 'grad_norm': jnp.float32(1.0)})
+  logger.flush()
+  writer.close()
+  lines = [json.loads(line) for line in open(tmp_path / 'unit' / 'metrics.jsonl')]
+  assert [r['step'] for r in lines] == [4, 5]   # the newest step is read at the next log step
+  np.testing.assert_allclose(lines[0]['train/loss'], np.mean([1, 1 / 2, 1 / 3, 1 / 4]), rtol=1e-6)
+  assert lines[0]['samples_per_sec'] > 0
+  assert any(name.startswith('events') for name in os.listdir(tmp_path / 'unit' / 'tensorboard'))
+
+  logger = state_lib.TrainLogger(None, total_steps=20, batch_size=4, log_every=5)
+  bad = {7: float('nan'), 8: float('inf')}
+  with pytest.raises(state_lib.NonFiniteError, match='at step 7'):
+    for step in range(1, 12):
+      logger.update(step, {'loss': jnp.float32(bad.get(step, 1.0))})
