@@ -1,0 +1,473 @@
+"""Serving: a real uvicorn server on a free 127.0.0.1 port, real HTTP (httpx) and WebSocket (websockets)
+clients, the MT5-EA client, auth, limits, every validation rule, micro-batching, and an OpenAPI fuzz.
+
+Serves the same tiny Predictor as tests/test_predictor.py (built once per session), so nothing new compiles.
+"""
+import asyncio
+import contextlib
+import copy
+import threading
+import time
+
+import httpx
+import hypothesis
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+import schemathesis
+from schemathesis import checks as st_checks
+import websockets
+from websockets.sync.client import connect as ws_connect
+
+import mt5_client
+from natron.data import DataError, validate_ohlcv
+from natron.serve import create_app
+from natron.serve.app import MicroBatcher, bind, make_server
+from natron.serve.schemas import InvalidRequest, validate_arrays
+from test_predictor import market, ohlcv_array, shared_predictor
+
+LIMITS = {'max_batch': 4, 'batch_wait_ms': 1.0, 'max_body_bytes': 2 << 20}
+
+
+@contextlib.contextmanager
+def running(app):
+  """Serves `app` with uvicorn in a thread on a free 127.0.0.1 port; yields the port."""
+  sock = bind('127.0.0.1', 0)
+  server = make_server(app)
+  thread = threading.Thread(target=server.run, kwargs={'sockets': [sock]}, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 30
+  while not server.started:
+    assert thread.is_alive() and time.monotonic() < deadline, 'uvicorn did not start'
+    time.sleep(0.01)
+  try:
+    yield sock.getsockname()[1]
+  finally:
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture(scope='module')
+def predictor():
+  return shared_predictor()
+
+
+@pytest.fixture(scope='module')
+def limits(predictor):
+  r = predictor.required_candles
+  return dict(LIMITS, max_candles=r + 20, max_series=r + 30)
+
+
+@pytest.fixture(scope='module')
+def server(predictor, limits):
+  app = create_app(predictor, limits)
+  with running(app) as port:
+    with httpx.Client(base_url=f'http://127.0.0.1:{port}', timeout=30) as client:
+      yield client, port, app
+
+
+def candles_json(frame: pd.DataFrame, *, iso: bool = True) -> list[dict]:
+  times = (frame['time'].dt.strftime('%Y-%m-%dT%H:%M:%SZ').tolist() if iso
+           else (frame['time'].astype('int64') // 10**9).tolist())
+  return [{'time': t, 'open': o, 'high': h, 'low': l, 'close': c, 'volume': v} for t, o, h, l, c, v in zip(
+      times, frame['open'], frame['high'], frame['low'], frame['close'], frame['volume'])]
+
+
+def window_frame(end: int, n: int) -> pd.DataFrame:
+  """The n bars ending at bar `end` (inclusive) of the test market."""
+  return market().iloc[end - n + 1:end + 1]
+
+
+def expected(predictor, frame: pd.DataFrame) -> dict:
+  return predictor.predict(ohlcv_array(frame))
+
+
+# --- REST ----------------------------------------------------------------------------------------------------
+def test_health_and_model_info(server, predictor, limits):
+  client, _, _ = server
+  health = client.get('/health').json()
+  assert health['status'] == 'ok' and health['model_version'] == 'test-tiny-1'
+  info = client.get('/model_info').json()
+  assert info['required_candles'] == predictor.required_candles and info['window'] == predictor.window
+  assert info['num_features'] == len(predictor.feature_names) and info['thresholds'] == {'signal': 0.5}
+  assert info['labels']['direction'] == ['UP', 'DOWN', 'NEUTRAL'] and len(info['labels']['regime']) == 6
+  assert info['limits']['max_candles'] == limits['max_candles'] and info['auth'] is False
+
+
+def test_predict_matches_predictor(server, predictor):
+  client, _, _ = server
+  r = predictor.required_candles
+  frame = window_frame(r + 30, r)
+  reply = client.post('/predict', json={'candles': candles_json(frame)})
+  assert reply.status_code == 200, reply.text
+  body = reply.json()
+  local = expected(predictor, frame)
+  assert body['buy_prob'] == pytest.approx(float(local['buy_prob'][0]), abs=1e-6)
+  assert body['sell_prob'] == pytest.approx(float(local['sell_prob'][0]), abs=1e-6)
+  assert body['signal'] == local['signal'][0] and body['direction'] == local['direction'][0]
+  assert body['regime'] == local['regime'][0]
+  assert sum(body['direction_probs'].values()) == pytest.approx(1.0, abs=1e-5)
+  assert set(body['regime_probs']) == set(predictor.regimes)
+  assert body['time'] == frame['time'].iloc[-1].strftime('%Y-%m-%dT%H:%M:%SZ')
+  assert body['timestamp'] == int(frame['time'].iloc[-1].timestamp())
+  assert body['processing_time_ms'] > 0 and body['model_version'] == 'test-tiny-1'
+  # Unix-second times give the same answer; extra older candles are ignored (the last R are used).
+  as_unix = client.post('/predict', json={'candles': candles_json(window_frame(r + 30, r + 15), iso=False)})
+  assert as_unix.status_code == 200 and as_unix.json()['buy_prob'] == body['buy_prob']
+
+
+def test_batch_predict_windows_and_series(server, predictor):
+  client, _, _ = server
+  r = predictor.required_candles
+  ends = [r + 3, r + 10, r + 25]
+  reply = client.post('/batch_predict', json={'windows': [candles_json(window_frame(e, r)) for e in ends]})
+  assert reply.status_code == 200, reply.text
+  body = reply.json()
+  assert body['mode'] == 'windows' and body['count'] == 3 and body['processing_time_ms'] > 0
+  for e, pred in zip(ends, body['predictions']):
+    assert pred['buy_prob'] == pytest.approx(float(expected(predictor, window_frame(e, r))['buy_prob'][0]),
+                                             abs=1e-6)
+  series = market().iloc[5:5 + r + 11]        # 12 bars with a full window: one chunk of 8 + a padded one
+  reply = client.post('/batch_predict', json={'candles': candles_json(series)})
+  assert reply.status_code == 200, reply.text
+  body = reply.json()
+  assert body['mode'] == 'series' and body['count'] == 12
+  stamps = [p['timestamp'] for p in body['predictions']]
+  assert stamps == (series['time'].iloc[r - 1:].astype('int64') // 10**9).tolist()
+  windows = np.lib.stride_tricks.sliding_window_view(ohlcv_array(series), (r, 5))[:, 0]
+  local = predictor.predict(windows)
+  np.testing.assert_allclose([p['buy_prob'] for p in body['predictions']], local['buy_prob'], atol=1e-5)
+  np.testing.assert_allclose([p['regime_confidence'] for p in body['predictions']],
+                             local['regime_confidence'], atol=1e-5)
+
+
+def test_request_limits(server, predictor, limits):
+  client, _, _ = server
+  r = predictor.required_candles
+  too_long = client.post('/predict', json={'candles': candles_json(window_frame(r + 40, limits['max_candles'] + 1))})
+  assert too_long.status_code == 422 and too_long.json()['rule'] == 'too_many_candles'
+  window = candles_json(window_frame(r + 5, r))
+  too_many = client.post('/batch_predict', json={'windows': [window] * (limits['max_batch'] + 1)})
+  assert too_many.status_code == 422 and too_many.json()['rule'] == 'too_many_windows'
+  long_series = client.post('/batch_predict', json={'candles': candles_json(market().iloc[:limits['max_series'] + 1])})
+  assert long_series.status_code == 422 and long_series.json()['rule'] == 'too_many_candles'
+  both = client.post('/batch_predict', json={'windows': [window], 'candles': window})
+  assert both.status_code == 422 and both.json()['rule'] == 'fields'
+  huge = client.post('/batch_predict', content=b' ' * (3 << 20), headers={'Content-Type': 'application/json'})
+  assert huge.status_code == 413 and huge.json()['rule'] == 'size'
+
+
+def _corrupt(kind: str, candles: list[dict]) -> tuple[list[dict], str, int]:
+  """Breaks one rule in a copy of `candles`; returns (candles, rule, index of the bad candle)."""
+  c = copy.deepcopy(candles)
+  if kind == 'missing_field':
+    del c[5]['volume']
+    return c, 'fields', 5
+  if kind == 'extra_field':
+    c[7]['tick_volume'] = 3
+    return c, 'fields', 7
+  if kind == 'null_price':
+    c[9]['open'] = None
+    return c, 'type', 9
+  if kind == 'string_price':
+    c[11]['close'] = '1.1'
+    return c, 'type', 11
+  if kind == 'bool_volume':
+    c[12]['volume'] = True
+    return c, 'type', 12
+  if kind == 'non_positive_price':
+    c[13]['low'] = 0.0
+    return c, 'price_positive', 13
+  if kind == 'negative_volume':
+    c[14]['volume'] = -1.0
+    return c, 'volume_negative', 14
+  if kind == 'high_below_close':
+    c[15]['high'] = min(c[15]['open'], c[15]['close']) * 0.999
+    c[15]['low'] = c[15]['high'] * 0.999
+    return c, 'high_low', 15
+  if kind == 'low_above_open':
+    c[16]['low'] = max(c[16]['open'], c[16]['close']) * 1.0001
+    c[16]['high'] = c[16]['low'] * 1.001
+    return c, 'high_low', 16
+  if kind == 'duplicate_time':
+    c[17]['time'] = c[16]['time']
+    return c, 'time_order', 17
+  if kind == 'decreasing_time':
+    c[18]['time'] = c[2]['time']
+    return c, 'time_order', 18
+  if kind == 'bad_time_string':
+    c[19]['time'] = 'yesterday-ish'
+    return c, 'time', 19
+  if kind == 'mixed_time_kinds':
+    c[20]['time'] = 1_700_000_000
+    return c, 'time', 20
+  if kind == 'milliseconds':
+    for i, x in enumerate(c):
+      x['time'] = 1_700_000_000_000 + i * 900_000
+    return c, 'time', 0
+  raise ValueError(kind)
+
+
+RULE_CASES = ['missing_field', 'extra_field', 'null_price', 'string_price', 'bool_volume', 'non_positive_price',
+              'negative_volume', 'high_below_close', 'low_above_open', 'duplicate_time', 'decreasing_time',
+              'bad_time_string', 'mixed_time_kinds', 'milliseconds']
+
+
+def test_every_validation_rule_is_422_naming_the_candle(server, predictor):
+  client, _, _ = server
+  r = predictor.required_candles
+  good = candles_json(window_frame(r + 8, r))
+  for kind in RULE_CASES:
+    bad, rule, index = _corrupt(kind, good)
+    reply = client.post('/predict', json={'candles': bad})
+    assert reply.status_code == 422, (kind, reply.text)
+    body = reply.json()
+    assert body['rule'] == rule and body['index'] == index, (kind, body)
+    assert f'candles[{index}]' in body['detail'], (kind, body)
+    # /batch_predict names the window too.
+    reply = client.post('/batch_predict', json={'windows': [good, bad]})
+    assert reply.status_code == 422 and reply.json()['window'] == 1 and reply.json()['index'] == index, kind
+  for raw, rule in [(b'{"candles": [', 'json'), (b'[1, 2]', 'fields'), (b'{"candles": 3}', 'fields'),
+                    (b'{"candels": []}', 'fields'), (b'{"candles": [], "x": 1}', 'fields'),
+                    (b'{"open": NaN}', 'json'), (b'', 'json')]:
+    reply = client.post('/predict', content=raw, headers={'Content-Type': 'application/json'})
+    assert reply.status_code == 422 and reply.json()['rule'] == rule, (raw, reply.text)
+  few = client.post('/predict', json={'candles': good[:r - 1]})
+  assert few.status_code == 422 and few.json()['rule'] == 'too_few_candles'
+  assert f'at least {r}' in few.json()['detail']
+
+
+def test_numeric_rules_agree_with_ingestion_validator(predictor):
+  """The request validator and natron.data.validate flag the same first row for each numeric/time rule."""
+  frame = window_frame(predictor.required_candles + 8, 60).reset_index(drop=True)
+  for column, row, value in [('low', 13, 0.0), ('volume', 14, -1.0), ('high', 15, 0.5), ('low', 16, 9.0),
+                             ('time', 17, None), ('time', 18, 'back')]:
+    broken = frame.copy()
+    if column == 'time':
+      broken.loc[row, 'time'] = broken.loc[row - 1 if value is None else 2, 'time']
+    else:
+      broken.loc[row, column] = value
+    ns = broken['time'].astype('int64').to_numpy()
+    with pytest.raises(InvalidRequest) as raised:
+      validate_arrays(ns, broken[['open', 'high', 'low', 'close', 'volume']].to_numpy())
+    with pytest.raises(DataError) as ingested:
+      validate_ohlcv(broken)
+    flagged = min(int(np.min(rows)) for _, rows in ingested.value.violations)
+    assert raised.value.index == flagged == row, (column, row)
+
+
+# --- Auth ----------------------------------------------------------------------------------------------------
+def test_api_key_protects_everything_but_health(predictor):
+  app = create_app(predictor, {'api_key': 'sekret'})
+  r = predictor.required_candles
+  payload = {'candles': candles_json(window_frame(r + 2, r))}
+  with running(app) as port:
+    url = f'http://127.0.0.1:{port}'
+    with httpx.Client(base_url=url, timeout=30) as client:
+      assert client.get('/health').status_code == 200
+      missing = client.post('/predict', json=payload)
+      assert missing.status_code == 401 and missing.headers['www-authenticate'] == 'Bearer'
+      assert client.get('/model_info').status_code == 401
+      assert client.post('/predict', json=payload, headers={'X-API-Key': 'wrong'}).status_code == 403
+      assert client.post('/batch_predict', json=payload, headers={'Authorization': 'Bearer nope'}).status_code == 403
+      assert client.post('/predict', json=payload, headers={'X-API-Key': 'sekret'}).status_code == 200
+      assert client.get('/model_info', headers={'Authorization': 'Bearer sekret'}).json()['auth'] is True
+      assert client.get('/openapi.json').status_code == 404 and client.get('/docs').status_code == 404
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+      ws_connect(f'ws://127.0.0.1:{port}/ws', open_timeout=10)
+    assert refused.value.response.status_code == 403
+    with ws_connect(f'ws://127.0.0.1:{port}/ws?api_key=sekret', open_timeout=10) as ws:
+      ws.send('{"command": "ping"}')
+      assert orjson.loads(ws.recv(timeout=30))['type'] == 'pong'
+    with ws_connect(f'ws://127.0.0.1:{port}/ws', additional_headers={'X-API-Key': 'sekret'}) as ws:
+      ws.send('{"command": "ping"}')
+      assert orjson.loads(ws.recv(timeout=30))['type'] == 'pong'
+
+
+# --- WebSocket -----------------------------------------------------------------------------------------------
+def _ask(ws, message) -> dict:
+  ws.send(message if isinstance(message, str) else orjson.dumps(message).decode())
+  return orjson.loads(ws.recv(timeout=30))
+
+
+def test_ws_malformed_messages_keep_the_connection_usable(server, predictor):
+  client, port, _ = server
+  r = predictor.required_candles
+  frame = window_frame(r + 12, r)
+  with ws_connect(f'ws://127.0.0.1:{port}/ws') as ws:
+    for message, rule in [('not json', 'json'), ('[1, 2]', 'fields'), ({'command': 'fly'}, 'command'),
+                          ({'command': 'predict', 'candles': 'x'}, 'fields'),
+                          ({'command': 'predict', 'candles': candles_json(frame)[:10]}, 'too_few_candles'),
+                          ({'command': 'ping', 'extra': 1}, 'fields'),
+                          ({'command': 'bar', 'symbol': 'EURUSD', 'candle': candles_json(frame)[0]},
+                           'not_subscribed')]:
+      reply = _ask(ws, message)
+      assert reply['type'] == 'error' and reply['rule'] == rule, (message, reply)
+    assert _ask(ws, {'command': 'ping', 'id': 7}) == {'type': 'pong', 'server_time': pytest.approx(
+        time.time(), abs=60), 'id': 7}
+    info = _ask(ws, {'command': 'model_info'})
+    assert info['type'] == 'model_info' and info['required_candles'] == r
+    reply = _ask(ws, {'command': 'predict', 'candles': candles_json(frame)})
+  rest = client.post('/predict', json={'candles': candles_json(frame)}).json()
+  assert reply['type'] == 'prediction' and reply['buy_prob'] == rest['buy_prob']
+  assert reply['timestamp'] == rest['timestamp'] and reply['signal'] == rest['signal']
+
+
+def test_ws_streaming_equals_predict_on_the_same_history(server, predictor):
+  """subscribe + one bar at a time == /predict on the last required_candles bars, at every bar."""
+  client, port, _ = server
+  r = predictor.required_candles
+  start = r + 40
+  with ws_connect(f'ws://127.0.0.1:{port}/') as ws:      # the seed-compatible path '/'
+    first = _ask(ws, {'command': 'subscribe', 'symbol': 'SYNTH',
+                      'candles': candles_json(window_frame(start, r + 10))})
+    assert first['type'] == 'prediction' and first['subscribed'] and first['symbol'] == 'SYNTH'
+    streamed = [first]
+    for t in range(start + 1, start + 5):
+      bar = candles_json(market().iloc[t:t + 1])[0]
+      streamed.append(_ask(ws, {'command': 'bar', 'symbol': 'SYNTH', 'candle': bar}))
+      if t == start + 2:   # a repeated bar is refused and leaves the history as it was
+        again = _ask(ws, {'command': 'bar', 'symbol': 'SYNTH', 'candle': bar})
+        assert again['type'] == 'error' and again['rule'] == 'time_order'
+    assert _ask(ws, {'command': 'unsubscribe', 'symbol': 'SYNTH'})['was_subscribed'] is True
+  for t, reply in zip(range(start, start + 5), streamed):
+    rest = client.post('/predict', json={'candles': candles_json(window_frame(t, r))}).json()
+    assert reply['type'] == 'prediction' and reply['timestamp'] == rest['timestamp']
+    assert reply['buy_prob'] == rest['buy_prob'] and reply['regime_probs'] == rest['regime_probs']
+
+
+def test_ws_bad_bar_names_rule(server, predictor):
+  _, port, _ = server
+  r = predictor.required_candles
+  with ws_connect(f'ws://127.0.0.1:{port}/ws') as ws:
+    _ask(ws, {'command': 'subscribe', 'symbol': 'X', 'candles': candles_json(window_frame(r + 2, r))})
+    bar = candles_json(market().iloc[r + 3:r + 4])[0]
+    reply = _ask(ws, {'command': 'bar', 'symbol': 'X', 'candle': dict(bar, high=bar['low'] * 0.5)})
+    assert reply['type'] == 'error' and reply['rule'] == 'high_low' and 'candle.high' in reply['detail']
+    assert _ask(ws, {'command': 'bar', 'symbol': 'X', 'candle': bar})['type'] == 'prediction'
+
+
+def test_concurrent_ws_clients(server, predictor):
+  _, port, _ = server
+  r = predictor.required_candles
+  ends = [r + 50 + 3 * i for i in range(6)]
+
+  async def one(end):
+    async with websockets.connect(f'ws://127.0.0.1:{port}/ws') as ws:
+      replies = []
+      for k in range(2):
+        await ws.send(orjson.dumps({'command': 'predict', 'candles': candles_json(window_frame(end + k, r))}))
+        replies.append(orjson.loads(await ws.recv()))
+      return replies
+
+  async def main():
+    return await asyncio.gather(*(one(e) for e in ends))
+
+  results = asyncio.run(main())
+  for end, replies in zip(ends, results):
+    for k, reply in enumerate(replies):
+      local = expected(predictor, window_frame(end + k, r))
+      assert reply['buy_prob'] == pytest.approx(float(local['buy_prob'][0]), abs=1e-6)
+
+
+def test_micro_batcher_merges_requests_arriving_together(predictor):
+  batcher = MicroBatcher(predictor, max_wait_s=0.5)
+  r = predictor.required_candles
+  candles = ohlcv_array(market())
+  windows = [candles[i:i + r][None] for i in (0, 5, 9)]
+
+  async def main():
+    return await asyncio.gather(*(batcher.predict(w, np.array([i], np.int64)) for i, w in enumerate(windows)))
+
+  try:
+    results = asyncio.run(main())
+  finally:
+    batcher.close()
+  assert batcher.calls == 1 and batcher.windows == 3     # three requests, one model call
+  direct = predictor.predict(np.concatenate(windows))
+  np.testing.assert_allclose([p['buy_prob'][0] for p in results], direct['buy_prob'], atol=1e-6)
+  assert [int(p['time'][0]) for p in results] == [0, 1, 2]
+
+
+# --- The MT5 Expert Advisor's client -------------------------------------------------------------------------
+def test_ea_client_one_request_per_closed_bar(server, predictor):
+  _, port, _ = server
+  r = predictor.required_candles
+  bars = market().iloc[:r + 6]
+  ea = mt5_client.EAClient(f'http://127.0.0.1:{port}/predict', threshold=0.5)
+  assert ea.init(bars.iloc[:r + 1]) and ea.required == r     # required_candles from /model_info
+  decisions = []
+  for n in range(r + 1, r + 6):
+    for _ in range(3):                      # several ticks per bar: only the first after a close requests
+      decision = ea.on_tick(bars.iloc[:n + 1])
+      if decision is not None:
+        decisions.append(decision)
+  assert len(decisions) == 5
+  for decision, n in zip(decisions, range(r + 1, r + 6)):
+    closed = bars.iloc[n - r:n]
+    assert decision.bar_time == int(closed['time'].iloc[-1].timestamp())
+    sent = np.array([[c[k] for k in ('open', 'high', 'low', 'close', 'volume')]
+                     for c in orjson.loads(decision.body)['candles']], np.float32)
+    local = predictor.predict(sent)
+    assert decision.buy_prob == pytest.approx(float(local['buy_prob'][0]), abs=1e-6)
+    assert decision.action == mt5_client.decide(decision.buy_prob, decision.sell_prob, 0.5)
+    assert decision.action == decision.server_signal     # same threshold -> the server's own signal
+
+
+def test_ea_client_refuses_stale_timeouts_and_errors(predictor):
+  r = predictor.required_candles
+  bars = market().iloc[:r + 3]
+  closed_time = int(bars['time'].iloc[r + 1].timestamp())
+
+  def replying(handler):
+    return mt5_client.EAClient('http://natron.test/predict', required_candles=r,
+                               transport=httpx.MockTransport(handler))
+
+  def reply_for(stamp):
+    return lambda request: httpx.Response(200, json={'timestamp': stamp, 'buy_prob': 0.9, 'sell_prob': 0.05,
+                                                     'signal': 'BUY'})
+
+  def timeout(request):
+    raise httpx.ReadTimeout('timed out', request=request)
+
+  outcomes = {}
+  for name, handler in [('fresh', reply_for(closed_time)), ('stale', reply_for(closed_time - 900)),
+                        ('timeout', timeout), ('error', lambda request: httpx.Response(500, text='boom')),
+                        ('garbage', lambda request: httpx.Response(200, text='<html>'))]:
+    ea = replying(handler)
+    ea.init(bars.iloc[:r + 2])
+    outcomes[name] = ea.on_tick(bars.iloc[:r + 3])
+  assert outcomes['fresh'].action == 'BUY'
+  assert outcomes['stale'].action == 'REFUSED' and 'stale' in outcomes['stale'].reason
+  assert outcomes['timeout'].action == 'REFUSED' and 'no reply' in outcomes['timeout'].reason
+  assert outcomes['error'].action == 'REFUSED' and 'HTTP 500' in outcomes['error'].reason
+  assert outcomes['garbage'].action == 'REFUSED' and 'unreadable' in outcomes['garbage'].reason
+  late = mt5_client.EAClient('http://natron.test/predict', required_candles=r,
+                             transport=httpx.MockTransport(reply_for(closed_time)),
+                             forming_bar_now=lambda: closed_time + 1800)
+  late.init(bars.iloc[:r + 2])
+  assert 'new bar' in late.on_tick(bars.iloc[:r + 3]).reason
+
+
+# --- Fuzzing the OpenAPI schema --------------------------------------------------------------------------------
+def test_openapi_fuzz_finds_no_server_errors(predictor):
+  """Hypothesis-generated requests for every operation of the app's own schema: never a 5xx, and every
+  reply conforms to the documented status codes, content types and response schemas."""
+  app = create_app(predictor, {'max_candles': predictor.required_candles + 5, 'max_batch': 2,
+                               'max_series': predictor.required_candles + 5})
+  schema = schemathesis.openapi.from_asgi('/openapi.json', app)
+  checks = [st_checks.not_a_server_error, st_checks.status_code_conformance,
+            st_checks.content_type_conformance, st_checks.response_schema_conformance]
+  operations = [result.ok() for result in schema.get_all_operations()]
+  assert {op.path for op in operations} == {'/health', '/model_info', '/predict', '/batch_predict'}
+  for operation in operations:
+    @hypothesis.settings(max_examples=25, deadline=None, derandomize=True, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(case=operation.as_strategy())
+    def fuzz(case):
+      case.call_and_validate(checks=checks)
+
+    fuzz()
+  app.state.service.batcher.close()
