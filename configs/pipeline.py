@@ -1,0 +1,36 @@
+r"""The whole Natron pipeline in one workdir: dataset -> pretrain -> finetune -> inspect -> rl -> backtest -> report.
+
+The README's main job (built-in synthetic market, 2 CPU cores, about 5-8 minutes):
+
+  python launch.py --config=configs/pipeline.py:quick --workdir=runs/demo
+
+then read runs/demo/report.md. At the seed's scale (d_model 256, 6 layers, 100 fine-tuning epochs) drop
+`:quick` and point it at your candles: --config.data.path=EURUSD_M15.csv (hours on a CPU; use a GPU).
+
+Each phase hands over through the workdir: pretrain/ (Orbax checkpoint) is the fine-tuning encoder init
+(finetune.model_init='auto'), finetune/bundle/ is what the RL phase, the backtests and the server load.
+"""
+from configs import base
+from configs import finetune
+from configs import pretrain
+from configs import rl
+
+
+def get_config(arg=None):
+  args = base.parse_arg(arg)
+  quick = bool(args.get('quick'))
+  config = base.get_base_config()
+  config.phases = ('dataset', 'pretrain', 'finetune', 'inspect', 'rl', 'backtest', 'report')
+  config.pretrain = pretrain.section(quick)
+  config.finetune = finetune.section(quick)
+  config.finetune.model_init = 'auto'    # the encoder from this workdir's pretrain/ checkpoint
+  config.rl = rl.section(quick)
+  config.inspect = finetune_inspect_section()
+  if quick:
+    base.apply_quick(config)
+  return config
+
+
+def finetune_inspect_section():
+  from configs import inspect as inspect_config  # pylint: disable=g-import-not-at-top
+  return inspect_config.section()
