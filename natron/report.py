@@ -81,6 +81,10 @@ def backtest_section(workdir: str) -> list[str]:
     table = _read(os.path.join(d, 'table.md'))
     lines += [f'### {os.path.basename(d)}', '', table or '_no table_', '']
     metrics = _load_json(os.path.join(d, 'metrics.json')) or {}
+    days = next(iter(metrics.values()), {}).get('days')
+    if days is not None and days < 126:
+      lines.append(f'- Caution: the test span is {days} trading days; annualised return, Sharpe, Sortino and '
+                   'Calmar extrapolate it to a year and overstate what a year would look like.')
     for name in ('ppo', 'supervised'):
       if name in metrics:
         total = metrics[name]['total_return']
