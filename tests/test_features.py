@@ -246,6 +246,58 @@ def test_profile_poc_sits_at_the_most_traded_price():
   assert last['volume_below_close'] < 0.05
 
 
+def _numpy_profile(h, l, v, t, window, bins):
+  """Reference volume profile of bars t-window+1..t: each bar's volume spread uniformly over its range."""
+  hs, ls, vs = (x[t - window + 1:t + 1].astype(np.float64) for x in (h, l, v))
+  lo, hi = ls.min(), hs.max()
+  edges = lo + (hi - lo) / bins * np.arange(bins + 1)
+  hist = np.zeros(bins)
+  for a, b, vol in zip(ls, hs, vs):
+    if b > a:
+      hist += vol * np.clip((np.minimum(edges[1:], b) - np.maximum(edges[:-1], a)) / (b - a), 0, None)
+    else:                                            # a zero-range bar: all its volume in its own bin
+      hist[min(int((a - lo) / (hi - lo) * bins), bins - 1)] += vol
+  return hist / hist.sum()
+
+
+def test_volume_histogram_matches_reference_in_blocks():
+  rng = np.random.default_rng(7)
+  t_len, window, bins = 300, 24, 8
+  c = 50.0 * np.exp(np.cumsum(rng.normal(0, 2e-3, t_len)))
+  spread = np.abs(rng.normal(0, 1e-3, t_len)) * c
+  spread[::17] = 0.0                                  # some zero-range bars
+  h, l, v = (c + spread).astype(np.float32), (c - spread).astype(np.float32), rng.lognormal(3, 1, t_len)
+  v = v.astype(np.float32)
+  histogram = jax.jit(market_profile.volume_histogram, static_argnames=('window', 'bins', 'chunk'))
+  one, _, _ = histogram(h, l, v, window=window, bins=bins)
+  blocked, _, _ = histogram(h, l, v, window=window, bins=bins, chunk=64)    # 5 blocks, the last padded
+  one, blocked = np.asarray(one), np.asarray(blocked)
+  np.testing.assert_allclose(blocked, one, rtol=1e-6, atol=1e-7)
+  assert np.isnan(one[:window - 1]).all() and np.isfinite(one[window - 1:]).all()
+  for t in (window - 1, 100, 187, t_len - 1):
+    np.testing.assert_allclose(one[t], _numpy_profile(h, l, v, t, window, bins), atol=2e-5, err_msg=f't={t}')
+
+
+def test_rolling_windows_match_numpy():
+  from natron.features import primitives as P  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  x = rng.normal(0, 1, 700).astype(np.float32)
+  for n in (1, 3, 20, 37, 200):
+    ref = np.lib.stride_tricks.sliding_window_view(x.astype(np.float64), n)
+    got = {name: np.asarray(jax.jit(fn, static_argnums=1)(x, n))
+           for name, fn in (('sum', P.rolling_sum), ('max', P.rolling_max), ('min', P.rolling_min))}
+    for name in got:
+      assert np.isnan(got[name][:n - 1]).all(), (name, n)
+    np.testing.assert_array_equal(got['max'][n - 1:], ref.max(axis=1).astype(np.float32))   # exact
+    np.testing.assert_array_equal(got['min'][n - 1:], ref.min(axis=1).astype(np.float32))
+    np.testing.assert_allclose(got['sum'][n - 1:], ref.sum(axis=1), rtol=0, atol=2e-5 * n)
+  # lag_fold visits lags oldest first, with NaN before the series starts.
+  seen = jax.jit(lambda x: P.lag_fold((x,), 4, jnp.zeros((4,) + x.shape), lambda acc, lagged, k: acc.at[k].set(
+      lagged[0])))(x[:10])
+  for k in range(4):
+    np.testing.assert_array_equal(np.asarray(seen)[k], np.concatenate([np.full(k, np.nan), x[:10 - k]]))
+
+
 # --- agreement with the indicators -------------------------------------------------------------------------
 
 

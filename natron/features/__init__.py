@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from natron.errors import UserError
 from natron.features import indicators
@@ -82,12 +83,15 @@ def compute_features_jax(o, h, l, c, v) -> jax.Array:
   if t_len <= WARMUP:
     return jnp.full((t_len, NUM_FEATURES), jnp.nan, jnp.float32)
   atr = indicators.atr(h, l, c, 14)   # shared by every category
+  warmup = jnp.arange(t_len) < WARMUP
   columns = []
   for module in CATEGORIES.values():
     _, cols = module.compute(o, h, l, c, v, atr=atr)
-    columns.extend(cols)
-  x = jnp.stack(columns, axis=1)
-  return jnp.where((jnp.arange(t_len) < WARMUP)[:, None], jnp.nan, x)
+    # Masked per column, fused into its producer (not a second pass over the [T, F] matrix).
+    columns.extend(jnp.where(warmup, jnp.nan, col) for col in cols)
+  # The barrier materialises each column first: fused into the stacking concatenate, every output element
+  # would select among F operand expressions, which does not vectorise on XLA CPU.
+  return jnp.stack(lax.optimization_barrier(tuple(columns)), axis=1)
 
 
 _compute_jit = jax.jit(compute_features_jax)   # jax caches one executable per input length

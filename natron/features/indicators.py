@@ -16,7 +16,7 @@ Definitions follow TA-Lib 0.6+/0.8 with default settings (SMA matype, unstable p
 - Degenerate denominators give TA-Lib's value (0 for RSI/DI/WILLR/STOCH/CCI/ROC on flat input, MFI 0 when the
   window's money flow is < 1, ADX unchanged when DX is undefined).
 
-Precision (float32, DESIGN.md rule 4): windowed sums are `lax.reduce_window` (primitives), variances are
+Precision (float32, DESIGN.md rule 4): windowed sums reduce the window itself (primitives), variances are
 two-pass, recursions are `lax.scan`s. Where float32 rounding of price LEVELS would swamp a small result, we
 work on exact float32 differences of nearby prices instead: CCI on deviations from the current close, MACD as
 the difference of two EMA deviations `x - EMA(x)` (recursion on `dx`), MFI's up/down test on the exact sign of

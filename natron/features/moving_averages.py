@@ -18,7 +18,7 @@ from jax import lax
 
 from natron.features import indicators as ind
 from natron.features import primitives as P
-from natron.features.returns import finish, lag_fold
+from natron.features.returns import finish
 
 SMA_PERIODS = (10, 20, 50, 100, 200)
 EMA_PERIODS = (10, 20, 50, 100)
@@ -69,10 +69,10 @@ def centred_window_sums(x, c, windows, block: int, w=None) -> dict:
   if any(n % block for n in windows):
     raise ValueError(f'windows {windows} must be multiples of the block {block}')
   if w is None:
-    inner = lag_fold((x,), block, jnp.zeros_like(c), lambda acc, lagged, k: acc + (lagged[0] - c))
+    inner = P.lag_fold((x,), block, jnp.zeros_like(c), lambda acc, lagged, k: acc + (lagged[0] - c))
     weight = jnp.full_like(c, float(block))
   else:
-    inner = lag_fold((x, w), block, jnp.zeros_like(c), lambda acc, lagged, k: acc + lagged[1] * (lagged[0] - c))
+    inner = P.lag_fold((x, w), block, jnp.zeros_like(c), lambda acc, lagged, k: acc + lagged[1] * (lagged[0] - c))
     weight = P.rolling_sum(w, block)
   q_max = max(windows) // block
   pad = (q_max - 1) * block
@@ -83,7 +83,8 @@ def centred_window_sums(x, c, windows, block: int, w=None) -> dict:
     term = b_q + w_q * (c_q - c)
     return tuple(s + jnp.where(q < n // block, term, 0.0) for s, n in zip(acc, windows))
 
-  sums = lax.fori_loop(0, q_max, step, tuple(jnp.zeros_like(c) for _ in windows))
+  # Unrolled: one fused kernel (a while loop copies its tuple carry every iteration).
+  sums = lax.fori_loop(0, q_max, step, tuple(jnp.zeros_like(c) for _ in windows), unroll=True)
   return dict(zip(windows, sums))
 
 

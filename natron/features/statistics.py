@@ -7,12 +7,14 @@ sums of returns (`returns.returns_var`), exact enough on near-zero-mean returns 
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from natron.features import primitives as P
-from natron.features.returns import finish, lag_fold, log_return, returns_var, window_mean
+from natron.features.returns import finish, log_return, returns_var
 
 MOMENT_WINDOW = 50
 ZSCORE_WINDOWS = (20, 50)
@@ -46,13 +48,13 @@ def zscores(c, windows=ZSCORE_WINDOWS):
     d = lagged[0] - c
     return tuple(a + jnp.where(k < n, d, 0.0) for a, n in zip(acc, windows))
 
-  means = tuple(s / n for s, n in zip(lag_fold((c,), n_max, zeros, mean_body), windows))
+  means = tuple(s / n for s, n in zip(P.lag_fold((c,), n_max, zeros, mean_body), windows))
 
   def var_body(acc, lagged, k):
     d = lagged[0] - c
     return tuple(a + jnp.where(k < n, (d - m) ** 2, 0.0) for a, n, m in zip(acc, windows, means))
 
-  m2 = tuple(s / n for s, n in zip(lag_fold((c,), n_max, zeros, var_body), windows))
+  m2 = tuple(s / n for s, n in zip(P.lag_fold((c,), n_max, zeros, var_body), windows))
   # c - mean = -mean(D).
   return {n: P.safe_div(-m, jnp.sqrt(v)) for n, m, v in zip(windows, means, m2)}
 
@@ -60,7 +62,7 @@ def zscores(c, windows=ZSCORE_WINDOWS):
 def autocorr_1(r, n: int):
   """Lag-1 autocorrelation of returns over the last n pairs, [T]."""
   prev = P.lag(r, 1)
-  m, mp, mx = window_mean(r, n), window_mean(prev, n), window_mean(r * prev, n)
+  m, mp, mx = P.rolling_mean(r, n), P.rolling_mean(prev, n), P.rolling_mean(r * prev, n)
   return P.safe_div(mx - m * mp, jnp.sqrt(returns_var(r, n) * returns_var(prev, n)))
 
 
@@ -76,11 +78,13 @@ def hurst_exponent(c, n: int = HURST_WINDOW, scales=HURST_SCALES) -> jax.Array:
   each variance over the last n bars). 0.5 = random walk, > 0.5 trending, < 0.5 mean-reverting; clipped to
   [0, 1]; 0.5 on a flat window.
   """
-  logk = jnp.log(jnp.asarray(scales, jnp.float32))[:, None]
-  weights = (logk - jnp.mean(logk)) / jnp.sum((logk - jnp.mean(logk)) ** 2)   # OLS slope weights
-  # (The barrier stops XLA fusing the variances into the stack, which does not vectorise on CPU.)
-  var = jnp.stack(lax.optimization_barrier(tuple(returns_var(log_return(c, k), n) for k in scales)))
-  slope = jnp.sum(weights * jnp.log(jnp.maximum(var, 1e-30)), axis=0)
+  logk = [math.log(k) for k in scales]
+  mean_logk = sum(logk) / len(logk)
+  weights = [(x - mean_logk) / sum((y - mean_logk) ** 2 for y in logk) for x in logk]   # OLS slope weights
+  # The barrier materialises each variance once (fused into the log-sum, XLA duplicated the window sums);
+  # the slope is a sum of [T] terms, not a reduction over the leading axis of a stack (slow on XLA CPU).
+  var = lax.optimization_barrier([returns_var(log_return(c, k), n) for k in scales])
+  slope = sum(w * jnp.log(jnp.maximum(x, 1e-30)) for w, x in zip(weights, var))
   return jnp.where(var[0] == 0, 0.5, jnp.clip(slope / 2.0, 0.0, 1.0))
 
 
@@ -91,7 +95,7 @@ def percentile_rank(x, n: int):
     below = jnp.where(xk < x, 1.0, jnp.where(xk == x, 0.5, 0.0))
     return acc + jnp.where(k > 0, below, 0.0)
 
-  total = lag_fold((x,), n, jnp.zeros_like(x), body)
+  total = P.lag_fold((x,), n, jnp.zeros_like(x), body)
   return jnp.where(jnp.arange(x.shape[0]) < n - 1, jnp.nan, total / (n - 1))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from natron.features import indicators as ind
 from natron.features import primitives as P
-from natron.features.returns import finish, window_max, window_min
+from natron.features.returns import finish
 
 LEVEL_WINDOWS = (20, 50, 200)
 RANGE_WINDOW = 100
@@ -25,14 +25,14 @@ def compute(o, h, l, c, v, *, atr=None):
   del o, v
   atr = ind.atr(h, l, c, 14) if atr is None else atr
   in_atr = lambda x: P.safe_div(x, atr)
-  cols = {f'dist_high_{n}_atr': in_atr(window_max(h, n) - c) for n in LEVEL_WINDOWS}
-  cols.update({f'dist_low_{n}_atr': in_atr(c - window_min(l, n)) for n in LEVEL_WINDOWS})
-  hi, lo = window_max(h, RANGE_WINDOW), window_min(l, RANGE_WINDOW)
+  cols = {f'dist_high_{n}_atr': in_atr(P.rolling_max(h, n) - c) for n in LEVEL_WINDOWS}
+  cols.update({f'dist_low_{n}_atr': in_atr(c - P.rolling_min(l, n)) for n in LEVEL_WINDOWS})
+  hi, lo = P.rolling_max(h, RANGE_WINDOW), P.rolling_min(l, RANGE_WINDOW)
   cols['range_pos_100'] = P.safe_div(c - lo, hi - lo, 0.5)
   # Levels relative to the close (differences of nearby prices are exact in float32): with dh = H - c,
   # dl = L - c, dc = C - c, P - c = (dh + dl + dc) / 3, R1 - c = (2 dh - dl + 2 dc) / 3, S1 - c likewise.
-  dh = P.lag(window_max(h, PIVOT_WINDOW), 1) - c
-  dl = P.lag(window_min(l, PIVOT_WINDOW), 1) - c
+  dh = P.lag(P.rolling_max(h, PIVOT_WINDOW), 1) - c
+  dl = P.lag(P.rolling_min(l, PIVOT_WINDOW), 1) - c
   dc = P.lag(c, 1) - c
   cols['pivot_dist_atr'] = in_atr(-(dh + dl + dc) / 3.0)
   cols['pivot_r1_dist_atr'] = in_atr((2.0 * dh - dl + 2.0 * dc) / 3.0)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from natron.features import indicators as ind
 from natron.features import primitives as P
-from natron.features.returns import finish, lag_fold
+from natron.features.returns import finish
 
 DI_PERIOD = 14
 AROON_PERIOD = 25
@@ -34,7 +34,7 @@ def linreg(c, n: int):
     return acc[0] + x, acc[1] + x * x, acc[2] + ds * x
 
   zeros = jnp.zeros_like(c)
-  sx, sxx, sdx = lag_fold((c,), n, (zeros, zeros, zeros), body)
+  sx, sxx, sdx = P.lag_fold((c,), n, (zeros, zeros, zeros), body)
   slope = sdx / s_ss
   ss_x = jnp.maximum(sxx - sx * sx / n, 0.0)   # x is centred on the window, no cancellation
   r2 = P.safe_div(sdx * sdx, s_ss * ss_x)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from natron.features import indicators as ind
 from natron.features import primitives as P
 from natron.features.moving_averages import ema_deviation, sma_deviations
-from natron.features.returns import finish, log_ratio, log_return, returns_var, window_mean
+from natron.features.returns import finish, log_ratio, log_return, returns_var
 
 RVOL_WINDOWS = (10, 20, 50, 100)
 RANGE_WINDOW = 20
@@ -57,7 +57,7 @@ def compute(o, h, l, c, v, *, atr=None):
           'atr_ratio_7_28': P.safe_div(ind.atr(h, l, c, 7), ind.atr(h, l, c, 28), 1.0)}
   # Level of ATR against its own 100-bar mean: > 0 when volatility is expanding.
   # (Floored: a long flat stretch can decay ATR to exactly 0 in float32.)
-  cols['log_atr_rel_100'] = jnp.log(jnp.maximum(P.safe_div(atr, window_mean(atr, 100), 1.0), 1e-3))
+  cols['log_atr_rel_100'] = jnp.log(jnp.maximum(P.safe_div(atr, P.rolling_mean(atr, 100), 1.0), 1e-3))
   cols['tr_atr'] = P.safe_div(true_range(h, l, c), atr)
   # Bollinger(20, 2): width 4 std / SMA and %b = (c - SMA + 2 std) / (4 std), with c - SMA from exact price
   # differences (see moving_averages.sma_deviations) and the two-pass population std.

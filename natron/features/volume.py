@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from natron.features import indicators as ind
 from natron.features import primitives as P
 from natron.features.moving_averages import centred_window_sums
-from natron.features.returns import finish, lag_fold, log_return, window_sum
+from natron.features.returns import finish, log_return
 
 VWAP_WINDOWS = (20, 96)
 VWAP_BLOCK = 4       # divides every VWAP window (see moving_averages.centred_window_sums)
@@ -48,7 +48,7 @@ def vwap_distances(h, l, c, v, windows=VWAP_WINDOWS):
   """{n: c[t] - rolling VWAP_n[t]} in price units: -sum(v (tp - c[t])) / sum(v) over the last n bars, [T] each."""
   tp = (h + l + c) / 3.0
   sums = centred_window_sums(tp, c, windows, VWAP_BLOCK, w=v)
-  return {n: -P.safe_div(sums[n], window_sum(v, n)) for n in windows}
+  return {n: -P.safe_div(sums[n], P.rolling_sum(v, n)) for n in windows}
 
 
 def rolling_corr(x, y, n: int):
@@ -60,7 +60,7 @@ def rolling_corr(x, y, n: int):
     return acc[0] + dx * dy, acc[1] + dx * dx, acc[2] + dy * dy
 
   zeros = jnp.zeros_like(x)
-  sxy, sxx, syy = lag_fold((x, y), n, (zeros, zeros, zeros), body)
+  sxy, sxx, syy = P.lag_fold((x, y), n, (zeros, zeros, zeros), body)
   return P.safe_div(sxy, jnp.sqrt(sxx * syy))
 
 
