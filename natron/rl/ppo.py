@@ -42,14 +42,20 @@ class ActorCritic(nn.Module):
 
   def setup(self):
     act = {'tanh': nn.tanh, 'relu': nn.relu, 'gelu': nn.gelu}[self.activation]
-    orth = nn.initializers.orthogonal
     zeros = nn.initializers.zeros_init()
+
+    def scaled(gain):
+      # PureJaxRL uses orthogonal(gain); its LAPACK QR, batched by vmap over seeds inside the jitted
+      # training, deadlocks jaxlib's CPU thread pool on 2-core machines (both pool threads wait in
+      # ParallelBatchMap for work only they could run). Variance scaling with the same gain gives weights of
+      # the same scale (E[W W^T] = gain^2 I / fan_in ~ the orthogonal init's) and needs no QR.
+      return nn.initializers.variance_scaling(gain**2, 'fan_in', 'truncated_normal')
 
     def mlp(out, out_scale, name):
       layers = []
       for i, h in enumerate(self.hidden):
-        layers += [nn.Dense(h, kernel_init=orth(np.sqrt(2)), bias_init=zeros, name=f'{name}_{i}'), act]
-      layers.append(nn.Dense(out, kernel_init=orth(out_scale), bias_init=zeros, name=f'{name}_out'))
+        layers += [nn.Dense(h, kernel_init=scaled(np.sqrt(2)), bias_init=zeros, name=f'{name}_{i}'), act]
+      layers.append(nn.Dense(out, kernel_init=scaled(out_scale), bias_init=zeros, name=f'{name}_out'))
       return nn.Sequential(layers)
 
     # Small final actor init: the initial policy is near uniform (standard PPO practice).
