@@ -38,6 +38,7 @@ PHASES = {
     'backtest': 'natron.backtest',
     'infer': 'natron.predictor',
     'serve': 'natron.serve.app',
+    'walkforward': 'natron.walkforward',
     'report': 'natron.report',
 }
 

@@ -14,6 +14,7 @@ from configs import base
 from configs import finetune
 from configs import pretrain
 from configs import rl
+from configs import walkforward
 
 
 def get_config(arg=None):
@@ -26,6 +27,9 @@ def get_config(arg=None):
   config.finetune.model_init = 'auto'    # the encoder from this workdir's pretrain/ checkpoint
   config.rl = rl.section(quick)
   config.inspect = finetune_inspect_section()
+  # Not run by default (slow): add 'walkforward' to --config.phases to repeat finetune + rl + backtest
+  # over successive purged folds.
+  config.walkforward = walkforward.section(quick)
   if quick:
     base.apply_quick(config)
   return config

@@ -124,6 +124,9 @@ def build_report(workdir: str) -> str:
            'purge gap, next to a trivial baseline.', '']
   for section in (data_section, supervised_section, backtest_section, rl_section, attention_section):
     lines += section(workdir)
+  if os.path.exists(os.path.join(workdir, 'walkforward', 'report.md')):
+    lines += ['## Walk-forward', '', 'Per-fold and aggregate test metrics: '
+              '[walkforward/report.md](walkforward/report.md).', '']
   return '\n'.join(lines) + '\n'
 
 
