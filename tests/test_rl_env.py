@@ -272,6 +272,15 @@ def test_rl_phase_end_to_end_and_resume(tmp_path, fast_compile):
   params, meta = phase.load_policy(os.path.join(rl_dir, 'policy'))
   assert meta['num_features'] == len(meta['obs_mean']) and 'actor_0' in params['params']
 
+  # The backtest phase replays exactly these PPO positions on the same test span, beside the baselines.
+  bt_summary = backtest.run_phase(config, workdir)
+  (symbol, policies), = bt_summary.items()
+  assert policies['ppo']['total_return'] == pytest.approx(summary['test_total_return'], abs=1e-9)
+  assert policies['flat']['total_return'] == 0.0 and policies['flat']['num_trades'] == 0
+  assert set(policies) == {'ppo', 'supervised', 'buy_and_hold', 'flat', 'random'}
+  for name in ('metrics.json', 'table.md', 'equity.png'):
+    assert os.path.exists(os.path.join(workdir, 'backtest', symbol, name))
+
   # Resume: the finished checkpoint is restored, nothing is retrained, the agents are the same.
   env = env_lib.TradingEnv(meta['num_features'])
   rows = np.zeros((1200, meta['num_features']), np.float32)
