@@ -21,26 +21,15 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from natron import phases
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/<phase>.py[:variant]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for every output of the run.')
 _SWEEP = flags.DEFINE_bool('sweep', False, "Run the config's sweep() overrides into sub-workdirs.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
-# Phase name -> module exposing run_phase(config, workdir) -> dict of summary metrics.
-PHASES = {
-    'features': 'natron.features.phase',
-    'dataset': 'natron.dataset',
-    'pretrain': 'natron.train.pretrain',
-    'finetune': 'natron.train.finetune',
-    'inspect': 'natron.train.inspect',
-    'rl': 'natron.rl.phase',
-    'backtest': 'natron.backtest',
-    'infer': 'natron.predictor',
-    'serve': 'natron.serve.app',
-    'walkforward': 'natron.walkforward',
-    'report': 'natron.report',
-}
+PHASES = phases.PHASES   # name -> module exposing run_phase(config, workdir) -> dict
 
 
 def phases_of(config) -> list[str]:

@@ -30,22 +30,17 @@ from absl import logging
 import numpy as np
 import pandas as pd
 
+from natron import phases as phase_registry
 from natron.errors import UserError
 
 PHASE = 'walkforward'
 TASKS = ('buy', 'sell', 'direction', 'regime')
 MODES = ('expanding', 'rolling')
 METRICS = ('total_return', 'sharpe', 'max_drawdown', 'num_trades')
-# Phases a fold can run (launch.py's registry minus the ones that make no sense per fold; walk-forward does
-# not import launch.py, whose absl flags would be defined twice).
-FOLD_PHASES = {
-    'dataset': 'natron.dataset',
-    'pretrain': 'natron.train.pretrain',
-    'finetune': 'natron.train.finetune',
-    'inspect': 'natron.train.inspect',
-    'rl': 'natron.rl.phase',
-    'backtest': 'natron.backtest',
-}
+# Phases a fold can run: the registry minus those that make no sense per fold (features, infer, serve,
+# walkforward itself, report).
+FOLD_PHASES = {name: phase_registry.PHASES[name]
+               for name in ('dataset', 'pretrain', 'finetune', 'inspect', 'rl', 'backtest')}
 
 
 # ==========================================================================================================

@@ -1,0 +1,18 @@
+"""The phase registry: name -> module exposing `run_phase(config, workdir) -> dict`.
+
+Shared by launch.py and natron.walkforward (which runs phases per fold and cannot import launch.py, whose
+absl flags may be defined only once).
+"""
+PHASES = {
+    'features': 'natron.features.phase',
+    'dataset': 'natron.dataset',
+    'pretrain': 'natron.train.pretrain',
+    'finetune': 'natron.train.finetune',
+    'inspect': 'natron.train.inspect',
+    'rl': 'natron.rl.phase',
+    'backtest': 'natron.backtest',
+    'infer': 'natron.predictor',
+    'serve': 'natron.serve.app',
+    'walkforward': 'natron.walkforward',
+    'report': 'natron.report',
+}
