@@ -24,13 +24,7 @@ REQUIRED = ('accuracy', 'macro_f1', 'majority_baseline', 'precision', 'recall', 
 CLASSES = {'buy': 2, 'sell': 2, 'direction': 3, 'regime': 6}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compiles():
-  """XLA's optimisation passes dominate these tiny runs (as in the Flax examples' tests); restored after."""
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
+FAST_COMPILE = True   # tests/conftest.py: skip most XLA optimisation in this module
 
 
 def tiny_config(**finetune_overrides):

@@ -16,13 +16,7 @@ from natron.train import state as state_lib
 B, W, F = 8, 16, 8
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _fast_compile():
-  """Tiny models do not need XLA's optimisation passes; skipping them makes compiling several times faster."""
-  old = jax.config.values['jax_disable_most_optimizations']
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', old)
+FAST_COMPILE = True   # tests/conftest.py: skip most XLA optimisation in this module
 
 
 def tiny_config(**overrides):

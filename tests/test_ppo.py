@@ -43,13 +43,7 @@ def _config(**kw):
   return config
 
 
-@pytest.fixture(scope='module', autouse=True)
-def fast_compile():
-  """These tiny runs are compile-bound: skip most XLA optimisation (halves compile time), then restore."""
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
+FAST_COMPILE = True   # tests/conftest.py: skip most XLA optimisation in this module
 
 
 @pytest.fixture(scope='module')

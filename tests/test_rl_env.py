@@ -19,15 +19,6 @@ from natron.rl import phase
 SHORT, FLAT, LONG = 0, 1, 2
 
 
-@pytest.fixture
-def fast_compile():
-  """The phase test is compile-bound: skip most XLA optimisation while it runs (halves compile time)."""
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
-
-
 def _market(n=400, d=3, seed=0):
   rng = np.random.default_rng(seed)
   close = 100 * np.exp(np.cumsum(rng.normal(0, 2e-3, n)))

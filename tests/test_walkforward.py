@@ -159,12 +159,7 @@ def test_folds_reuse_the_parent_pretrained_encoder_by_absolute_path(tmp_path):
 # ==========================================================================================================
 # End to end: 2 rolling folds of finetune + backtest on a tiny synthetic market, then a resume.
 # ==========================================================================================================
-@pytest.fixture(scope='module')
-def fast_compiles():
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
+FAST_COMPILE = True   # tests/conftest.py: skip most XLA optimisation in this module
 
 
 def tiny_config():
@@ -181,8 +176,7 @@ def tiny_config():
 
 
 @pytest.fixture(scope='module')
-def wf_run(tmp_path_factory, fast_compiles):
-  del fast_compiles
+def wf_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('wf'))
   config = tiny_config()
   return config, workdir, wf.run_phase(config, workdir)
