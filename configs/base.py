@@ -19,6 +19,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.synthetic_symbols = 1
   config.data.timeframe = '15min'
   config.data.repair = False       # sort / drop duplicate bars (reported); never silent
+  config.data.synthetic_preset = 'learnable'   # learnable (the demo) | realistic (real-FX-weak structure)
+  # Quote grid: the price increment (MT5 SYMBOL_POINT), e.g. 1e-5 EURUSD, 1e-3 USDJPY, 0.01 stocks. None: inferred
+  # from the quotes' decimals (the load summary says which). Per symbol: 'EURUSD=1e-5,USDJPY=1e-3'. Features are
+  # computed on prices in points (exact in float32) and MT5 spreads in points are converted with it.
+  config.data.point = ml_collections.config_dict.placeholder(str)
+  # Time zone of naive timestamps (MT5 exports and the EA use broker server time): an IANA name such as 'EET' or
+  # a fixed offset such as '+02:00'. None: taken as UTC, and the load summary says so.
+  config.data.tz = ml_collections.config_dict.placeholder(str)
 
   # --- Labels (natron.labels): horizons in bars; thresholds fitted on the training span only.
   config.labels = ml_collections.ConfigDict()
@@ -62,6 +70,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- Backtest (natron.backtest): costs and annualisation used by every report.
   config.backtest = ml_collections.ConfigDict()
   config.backtest.cost_bps = 1.0
+  # Spread for data without one (a CSV without a spread column): '1.2 points' / '0.00012' (price units), or per
+  # symbol 'EURUSD=1.2 points,USDJPY=1.5 points'. Data without a spread and no value here is an error: a
+  # backtest never falls back silently to commission only.
+  config.backtest.spread = ml_collections.config_dict.placeholder(str)
   config.backtest.periods_per_year = 260     # trading days: 260 for 24x5 FX, 252 for exchanges
   config.backtest.threshold = 0.6            # supervised BUY/SELL signal confidence
 
