@@ -8,8 +8,15 @@ random policy. Writes workdir/backtest/<symbol>/{metrics.json, table.md, equity.
 
 The test span comes from config.data / labels / dataset exactly as in training: pass the same data overrides
 (--config.data.path=..., split) as the run that made the bundle, and the same variant (`:quick` after a quick
-pipeline). Costs: --config.backtest.cost_bps (per unit traded, plus half the bar's spread when the data has
-one); annualisation: --config.backtest.periods_per_year (260 for 24x5 FX, 252 for exchanges).
+pipeline). Costs, per unit traded: --config.backtest.cost_bps (commission) plus half the bar's spread: the
+data's spread (MT5 points converted to price units at load), or for data without one
+--config.backtest.spread='1.2 points' (with the point from data.point or inferred from the quotes), '0.00012'
+(price units) or per symbol 'EURUSD=1.2 points,USDJPY=0.015'. Data without a spread and no backtest.spread
+stops with an error: a backtest never falls back to commission only. Every symbol's metrics.json, table.md
+and settings.json state the cost model applied (commission, spread source, mean spread in price units and
+points). The position held into the last bar is closed there and pays its exit cost.
+Annualisation: --config.backtest.periods_per_year (260 for 24x5 FX, 252 for exchanges) over trading days
+that start at 17:00 New York (natron.backtest.trading_days: a 24x5 week is 5 days, in UTC or broker time).
 Runtime: seconds to a minute on 2 CPU cores (one pass of the model over the series).
 """
 from configs import base

@@ -74,6 +74,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # symbol 'EURUSD=1.2 points,USDJPY=1.5 points'. Data without a spread and no value here is an error: a
   # backtest never falls back silently to commission only.
   config.backtest.spread = ml_collections.config_dict.placeholder(str)
+  # Trading day for daily Sharpe: a day starts at this local time (FX: 17:00 New York, so a Sunday-evening open
+  # joins Monday and a 24x5 week has exactly 5 days, whether the data came in UTC or broker time).
+  config.backtest.trading_day = '17:00 America/New_York'
   config.backtest.periods_per_year = 260     # trading days: 260 for 24x5 FX, 252 for exchanges
   config.backtest.threshold = 0.6            # supervised BUY/SELL signal confidence
 

@@ -5,6 +5,9 @@ r"""Phase 3: PPO trading agent over the fine-tuned encoder's frozen embeddings (
 Reads workdir/finetune/bundle, embeds every bar once, trains PPO in the jitted gymnax environment on the
 training span only (episodes never reach validation/test bars), checkpoints into workdir/rl/, and evaluates
 the greedy policy on the test span against always-flat, buy-and-hold and random policies, costs included.
+Costs (natron.backtest.resolve_costs, as in the backtest phase): commission rl.cost_bps (-1: backtest.cost_bps)
+plus half the data's spread, or backtest.spread for data without one (else an error); the same spread enters
+the reward and every evaluation, and workdir/rl/metrics.json (`cost_model`) states it.
 
 Expected runtime on 2 shared CPU cores (quick, 20,000 synthetic bars, fine-tuned quick bundle): embedding the
 series ~40 s, PPO (2 seeds x 1M env steps) ~1 min, evaluation a few seconds; full: PPO ~5M steps per seed.

@@ -11,6 +11,9 @@ total return, Sharpe, max drawdown and trades (PPO, supervised signal, buy-and-h
 supervised test accuracy / macro-F1 per task, and across folds mean ± std, the compounded return of the
 chained test blocks and the share of folds in which PPO / the supervised signal beat flat and buy-and-hold.
 Re-running the command resumes (finished folds are skipped, an interrupted phase resumes by itself).
+Folds are cut on one calendar for all symbols (common dates, purged per symbol). Costs are resolved for
+every symbol before the first fold (data without a spread needs backtest.spread, see configs/backtest.py),
+and report.md states the cost model each fold's backtest applied.
 
 Slow by design, and not part of configs/pipeline.py: it costs `folds` fine-tunings and PPO trainings.
 Expected runtime on 2 CPU cores (quick: 20,000 synthetic bars, d_model 64, 2 layers, 2 epochs, PPO 2 seeds

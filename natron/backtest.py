@@ -2,15 +2,28 @@
 
 Conventions (DESIGN.md rule 3), exact and tested against an independent loop in tests/test_backtest.py:
 - `position[t]` is decided at the close of bar t and held from close t to close t+1, so it earns
-  `r[t+1] = close[t+1] / close[t] - 1`. The position before the first bar is flat. The position at the last
-  bar earns nothing (there is no next bar) and is not force-closed: the equity is marked to market.
+  `r[t+1] = close[t+1] / close[t] - 1`. The position before the first bar is flat.
+- The book is closed at the last bar: the position held into it (`position[T-2]`) is closed at the last close
+  and pays its exit cost there. `position[T-1]` is never executed (there is no next bar to hold it to), so the
+  executed positions (`Result.position`) end at 0 and every trade is a full round trip.
 - Every change of position pays, per unit traded, `cost_bps * 1e-4` (commission + slippage) plus half the
   bar's quoted spread relative to price (`spread[t] / close[t] / 2`: a full round trip crosses one spread).
   The cost is charged on bar t, the bar at whose close the trade executes.
 - Net return of step t -> t+1: `position[t] * r[t+1] - cost[t]`; equity compounds net returns from 1.0.
-- Sharpe, Sortino and annualised volatility come from DAILY-resampled equity (last equity of each UTC date,
-  or of each block of bars-per-day when no timestamps are given), annualised with `periods_per_year`
+- Sharpe, Sortino and annualised volatility come from DAILY-resampled equity (the last equity of each trading
+  day, or of each block of bars-per-day when no timestamps are given), annualised with `periods_per_year`
   trading days (260 for 24x5 FX markets, 252 for exchanges) and a zero risk-free rate.
+- Trading days (`trading_days`): a bar's day is its date in the session clock, which starts the day at
+  17:00 New York (the FX roll-over: 22:00 UTC in winter, 21:00 UTC in summer; broker server time UTC+2/+3
+  is this clock's midnight). A bar that falls on a Saturday of that clock (Friday after the roll) belongs to
+  Friday, one on a Sunday (a Sunday open before the roll) to Monday. A 24x5 market of N weeks therefore has
+  exactly 5N days, whether its times came in UTC or in broker time (converted to UTC at load); exchanges
+  (sessions inside one New York day) keep their calendar dates.
+
+Costs in the phases (`resolve_costs`): commission from config.backtest.cost_bps (rl.cost_bps in the rl
+phase), spread from the data (price units) or, for a symbol whose data has none, from config.backtest.spread
+(price units or points); with neither the run stops with a UserError: it never falls back silently to
+commission only. `run(spread=None)` means zero spread and is for library callers that pass costs explicitly.
 All arithmetic is float64 numpy: backtests are cheap and money is not where to save precision.
 """
 from __future__ import annotations
@@ -18,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -27,13 +41,18 @@ from natron.errors import UserError
 POLICY_COLORS = {'ppo': 'tab:red', 'supervised': 'tab:blue', 'buy_and_hold': 'tab:gray',
                  'flat': 'black', 'random': 'tab:olive'}
 
+# The session clock of `trading_days`: 'HH:MM <IANA zone>' at which a trading day starts.
+TRADING_DAY = '17:00 America/New_York'
+
 
 @dataclasses.dataclass
 class Result:
   """Backtest of one position series.
 
   Arrays have one entry per bar t (length T): `net[t]`/`gross[t]` are the returns of the step from close t to
-  close t+1 (0 at the last bar), `cost[t]` the cost charged at bar t, `equity[t]` the equity after that step.
+  close t+1 (0 at the last bar), `cost[t]` the cost charged at bar t (at the last bar: closing the book),
+  `equity[t]` the equity after that step, `position[t]` the EXECUTED position (the input with the last entry
+  0: the book is closed at the last bar).
   """
   equity: np.ndarray
   net: np.ndarray
@@ -80,17 +99,22 @@ def _as_1d(name: str, x, n: int | None = None) -> np.ndarray:
 
 
 def run(close, position, *, cost_bps: float = 1.0, spread=None, time=None, periods_per_year: float = 260,
-        timeframe: str = '15min') -> Result:
+        timeframe: str = '15min', trading_day: str = TRADING_DAY) -> Result:
   """Backtests `position` (units of notional, e.g. -1/0/+1) on `close` with next-bar execution and costs.
+
+  The position held into the last bar is closed at the last close and pays its cost there; `position[T-1]`
+  is not executed (see the module docstring).
 
   Args:
     close: [T] prices, > 0.
     position: [T] target position decided at the close of each bar.
     cost_bps: commission + slippage per unit traded, in basis points.
-    spread: optional [T] quoted spread in price units; half of it is paid per unit traded.
-    time: optional [T] timestamps (UTC) used for daily resampling; else blocks of bars-per-day.
+    spread: optional [T] quoted spread in price units; half of it is paid per unit traded. None means ZERO
+      spread: the phases never pass None, they go through `resolve_costs`.
+    time: optional [T] timestamps (UTC when naive) used for daily resampling; else blocks of bars-per-day.
     periods_per_year: trading days per year for annualisation.
     timeframe: bar length, used when `time` is None.
+    trading_day: the session clock of `trading_days`.
   """
   close = _as_1d('close', close)
   t = close.shape[0]
@@ -98,7 +122,8 @@ def run(close, position, *, cost_bps: float = 1.0, spread=None, time=None, perio
     raise UserError(f'A backtest needs at least 2 bars, got {t}.')
   if (close <= 0).any():
     raise UserError(f'close must be > 0; first bad index {int(np.flatnonzero(close <= 0)[0])}.')
-  position = _as_1d('position', position, t)
+  position = _as_1d('position', position, t).copy()
+  position[-1] = 0.0   # the book is closed at the last close (the position held into it pays its exit)
   unit_cost = np.full(t, cost_bps * 1e-4)
   if spread is not None:
     spread = _as_1d('spread', spread, t)
@@ -114,14 +139,55 @@ def run(close, position, *, cost_bps: float = 1.0, spread=None, time=None, perio
   net = gross - cost
   equity = np.cumprod(1.0 + net)
   metrics = compute_metrics(equity, net, position, cost, unit_cost, bar_ret, time=time,
-                            periods_per_year=periods_per_year, timeframe=timeframe)
+                            periods_per_year=periods_per_year, timeframe=timeframe, trading_day=trading_day)
+  metrics['commission_bps'] = float(cost_bps)
+  metrics['mean_spread'] = float(np.mean(spread)) if spread is not None else 0.0
   return Result(equity=equity, net=net, gross=gross, cost=cost, position=position, metrics=metrics)
 
 
-def daily_returns(equity: np.ndarray, *, time=None, timeframe: str = '15min') -> np.ndarray:
-  """Returns of the equity sampled at the last bar of each day (the first relative to 1.0)."""
+def _utc_index(time) -> pd.DatetimeIndex:
+  """Timestamps as a UTC DatetimeIndex: naive values are taken as UTC, aware ones converted."""
+  if isinstance(time, (pd.DatetimeIndex, pd.Series)):
+    index = pd.DatetimeIndex(time)
+  else:
+    arr = np.asarray(time)
+    index = pd.DatetimeIndex(pd.to_datetime(arr, utc=arr.dtype == object))
+  return index.tz_localize('UTC') if index.tz is None else index.tz_convert('UTC')
+
+
+def _parse_trading_day(spec: str) -> tuple[pd.Timedelta, str]:
+  match = re.fullmatch(r'\s*(\d{1,2}):(\d{2})\s+(\S+)\s*', str(spec))
+  if not match:
+    raise UserError(f"trading_day must be 'HH:MM <time zone>' such as {TRADING_DAY!r}, got {spec!r}.")
+  hours, minutes, tz = int(match.group(1)), int(match.group(2)), match.group(3)
+  if hours > 23 or minutes > 59:
+    raise UserError(f'trading_day {spec!r}: not a time of day.')
+  try:
+    pd.Timestamp('2024-01-01', tz=tz)
+  except Exception as e:  # pylint: disable=broad-except  (pytz / zoneinfo raise different types)
+    raise UserError(f'trading_day {spec!r}: unknown time zone {tz!r} (use an IANA name).') from e
+  return pd.Timedelta(hours=hours, minutes=minutes), tz
+
+
+def trading_days(time, trading_day: str = TRADING_DAY) -> np.ndarray:
+  """datetime64[D] [T]: the trading day of each bar (rule in the module docstring).
+
+  A day starts at `trading_day` ('HH:MM zone', default 17:00 New York); a bar's day is the date of
+  `local time - start + 24h`; Saturdays of that clock join the Friday before, Sundays the Monday after.
+  """
+  start, tz = _parse_trading_day(trading_day)
+  local = _utc_index(time).tz_convert(tz).tz_localize(None)
+  days = (local - start + pd.Timedelta('1D')).normalize().to_numpy().astype('datetime64[D]')
+  weekday = (days.astype(np.int64) + 3) % 7           # 1970-01-01 was a Thursday: Monday = 0
+  shift = np.where(weekday == 5, -1, np.where(weekday == 6, 1, 0))
+  return days + shift.astype('timedelta64[D]')
+
+
+def daily_returns(equity: np.ndarray, *, time=None, timeframe: str = '15min',
+                  trading_day: str = TRADING_DAY) -> np.ndarray:
+  """Returns of the equity sampled at the last bar of each trading day (the first relative to 1.0)."""
   if time is not None:
-    days = pd.DatetimeIndex(pd.to_datetime(np.asarray(time), utc=True)).normalize()
+    days = trading_days(time, trading_day)
     if len(days) != len(equity):
       raise UserError(f'time has {len(days)} entries but the series has {len(equity)}.')
     last_of_day = np.flatnonzero(np.r_[days[1:] != days[:-1], True])
@@ -163,9 +229,9 @@ def _trades(position: np.ndarray, net_bar: np.ndarray, unit_cost: np.ndarray, ba
 
 
 def compute_metrics(equity, net, position, cost, unit_cost, bar_ret, *, time=None, periods_per_year=260,
-                    timeframe='15min') -> dict:
+                    timeframe='15min', trading_day: str = TRADING_DAY) -> dict:
   """All reported metrics of one backtest (see module docstring for conventions)."""
-  daily = daily_returns(equity, time=time, timeframe=timeframe)
+  daily = daily_returns(equity, time=time, timeframe=timeframe, trading_day=trading_day)
   n_days = max(len(daily), 1)
   total = float(equity[-1] - 1.0)
   years = n_days / periods_per_year
@@ -203,6 +269,176 @@ def compute_metrics(equity, net, position, cost, unit_cost, bar_ret, *, time=Non
       'days': n_days,
       'periods_per_year': periods_per_year,
   }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Costs: one resolver for every phase (backtest, rl, walk-forward).
+# --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+  """The costs one symbol's run pays: commission per unit traded plus half of each bar's spread.
+
+  spread: float64 [T] quoted spread in price units, one per bar of the span it was resolved for;
+  spread_source: where the spread came from (the data, or config.backtest.spread and how it was converted);
+  point: the symbol's price increment (None when unknown: the spread in points is then not reported).
+  """
+  symbol: str
+  commission_bps: float
+  spread: np.ndarray
+  spread_source: str
+  point: float | None = None
+  commission_source: str = 'backtest.cost_bps'
+
+  def span(self, start: int, stop: int) -> 'CostModel':
+    """The same model over bars [start, stop) (reports describe the span actually traded)."""
+    return dataclasses.replace(self, spread=self.spread[start:stop])
+
+  @property
+  def mean_spread(self) -> float:
+    return float(np.mean(self.spread)) if len(self.spread) else 0.0
+
+  def describe(self) -> dict:
+    """JSON-able: what every report states per symbol."""
+    mean = self.mean_spread
+    return {'symbol': self.symbol, 'commission_bps': self.commission_bps,
+            'commission_source': self.commission_source, 'spread_source': self.spread_source,
+            'mean_spread': mean, 'mean_spread_points': mean / self.point if self.point else None,
+            'point': self.point, 'bars': int(len(self.spread))}
+
+
+def cost_text(cost: dict | None) -> str:
+  """One line for reports from `CostModel.describe()` (or a saved copy of it)."""
+  if not cost:
+    return 'cost model not recorded (an artefact written before costs were reported; rerun the phase)'
+  points = cost.get('mean_spread_points')
+  in_points = f' = {points:.2f} points' if isinstance(points, (int, float)) else ''
+  spread = (f"plus half the spread, mean {cost.get('mean_spread', 0.0):.6g} in price units{in_points}, "
+            f"from {cost.get('spread_source')}")
+  if not cost.get('mean_spread'):
+    spread = f"and a ZERO spread ({cost.get('spread_source')})"
+  return f"commission {cost.get('commission_bps')} bps per unit traded ({cost.get('commission_source')}) {spread}"
+
+
+_SPREAD_ENTRY = re.compile(r'^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(points?|pts?)?\s*$')
+
+
+def parse_spread(text) -> dict:
+  """config.backtest.spread -> {symbol or '*': (value, 'points' | 'price')}.
+
+  '1.2 points' and '0.00012' (price units) apply to every symbol; 'EURUSD=1.2 points,USDJPY=0.015' per symbol
+  (an entry without a name is the default for the others).
+  """
+  out = {}
+  for part in str(text).split(','):
+    if not part.strip():
+      continue
+    name, _, value = part.rpartition('=')
+    name = name.strip() or '*'
+    match = _SPREAD_ENTRY.match(value)
+    if not match:
+      raise UserError(f"backtest.spread: cannot read {part.strip()!r}; write '1.2 points', a price such as "
+                      "'0.00012', or per symbol 'EURUSD=1.2 points,USDJPY=0.015'.")
+    if name in out:
+      raise UserError(f'backtest.spread names {name if name != "*" else "a default"} twice: {text!r}.')
+    out[name] = (float(match.group(1)), 'points' if match.group(2) else 'price')
+  if not out:
+    raise UserError(f'backtest.spread {text!r} names no spread.')
+  return out
+
+
+def _point_of(symbol: str, config, points) -> float | None:
+  """The symbol's point: market.attrs['points'] (set by natron.data.load_market), else config.data.point."""
+  if points and points.get(symbol):
+    return float(points[symbol])
+  text = config.data.get('point', None) if 'data' in config else None
+  if not text:
+    return None
+  entries = {}
+  for part in str(text).split(','):
+    name, _, value = part.rpartition('=')
+    entries[name.strip() or '*'] = value
+  value = entries.get(symbol, entries.get('*'))
+  if value is None:
+    return None
+  try:
+    point = float(value)
+  except ValueError as e:
+    raise UserError(f'data.point: {value!r} is not a price increment such as 1e-5.') from e
+  if not point > 0:
+    raise UserError(f'data.point must be > 0, got {value!r}.')
+  return point
+
+
+def resolve_costs(part: pd.DataFrame, symbol: str, config, points: dict | None = None, *,
+                  spread_sources: dict | None = None, cost_bps: float | None = None,
+                  commission_source: str = 'backtest.cost_bps') -> CostModel:
+  """The cost model of one symbol's rows, the only place the phases get costs from.
+
+  Args:
+    part: the symbol's rows (a `spread` column in price units when the data has one).
+    symbol: its name (as in config.backtest.spread and `points`).
+    config: the full config (backtest.cost_bps, backtest.spread, data.point).
+    points: {symbol: point}, market.attrs['points'] from natron.data.load_market (else data.point is read).
+    spread_sources: {symbol: text or None}, market.attrs['spread_sources']: how the data's spread was made.
+    cost_bps: commission override (the rl phase's rl.cost_bps), named by `commission_source`.
+
+  Returns:
+    CostModel over all rows of `part`: the data's spread when it has one, else config.backtest.spread.
+
+  Raises:
+    UserError: no spread in the data and none in config.backtest.spread (never commission only), a spread in
+      points for a symbol without a known point, a missing or negative spread value.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  symbol = str(symbol)
+  n = len(part)
+  commission = float(config.backtest.cost_bps) if cost_bps is None else float(cost_bps)
+  if not (np.isfinite(commission) and commission >= 0):
+    raise UserError(f'{commission_source} must be a finite number >= 0, got {commission}.')
+  point = _point_of(symbol, config, points)
+  spec_text = config.backtest.get('spread', None)
+  spec = parse_spread(spec_text) if spec_text else {}
+
+  data, data_source = None, None
+  if 'spread' in part.columns and not part['spread'].isna().all():
+    data = part['spread'].to_numpy(np.float64)
+    data_source = (spread_sources or {}).get(symbol) or "the data's spread column (price units)"
+  elif 'spread_points' in part.columns and not part['spread_points'].isna().all():
+    if point is None:
+      raise UserError(f'symbol {symbol}: the data has spreads in points (MT5 <SPREAD>) but no point to convert '
+                      'them: set data.point (e.g. 1e-5 for EURUSD, 1e-3 for USDJPY).')
+    data = part['spread_points'].to_numpy(np.float64) * point
+    data_source = f'the data\'s spread in points x point {point:g}'
+  if data is not None:
+    bad = ~np.isfinite(data) | (data < 0)
+    if bad.any():
+      rows = np.flatnonzero(bad)
+      raise UserError(f'symbol {symbol}: the spread is missing or negative in {rows.size} of {n} rows (first '
+                      f'rows {rows[:5].tolist()}); fix the data or drop the column and set backtest.spread.')
+    source = f'data: {data_source}'
+    if spec:
+      logging.warning('costs: %s uses the spread of its data; backtest.spread=%r is for data without one.',
+                      symbol, spec_text)
+      source += f'; backtest.spread={spec_text!r} not used (the data has a spread)'
+    return CostModel(symbol, commission, data, source, point, commission_source)
+
+  entry = spec.get(symbol, spec.get('*'))
+  if entry is None:
+    named = '' if not spec else f' (backtest.spread={spec_text!r} names no spread for {symbol})'
+    raise UserError(
+        f'symbol {symbol}: the data has no spread and no spread is configured{named}. A backtest never falls '
+        f"back to commission only: set --config.backtest.spread='1.2 points' (needs the point: data.point or "
+        f"inferred from the quotes), a price such as '0.00012', or per symbol "
+        f"'EURUSD=1.2 points,USDJPY=0.015'; '0' states a zero spread explicitly.")
+  value, unit = entry
+  if unit == 'points':
+    if point is None:
+      raise UserError(f'symbol {symbol}: backtest.spread={spec_text!r} is in points but the point of {symbol} '
+                      'is unknown: set data.point (e.g. 1e-5), or give the spread in price units.')
+    price, source = value * point, f'config backtest.spread: {value:g} points x point {point:g}'
+  else:
+    price, source = value, f'config backtest.spread: {value:g} (price units)'
+  return CostModel(symbol, commission, np.full(n, price), source, point, commission_source)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -278,12 +514,21 @@ def plot_equity(results: dict[str, Result], path: str, *, time=None, title: str 
   return path
 
 
-def save_results(results: dict[str, Result], directory: str, *, time=None, title='Test span, net of costs'):
-  """Writes metrics.json, table.md and equity.png for a set of policies into `directory`."""
+def save_results(results: dict[str, Result], directory: str, *, time=None, title='Test span, net of costs',
+                 cost: CostModel | None = None):
+  """Writes metrics.json, table.md and equity.png for a set of policies into `directory`.
+
+  With `cost` (the span's CostModel) every policy's metrics.json entry carries `cost_model` (its `describe()`)
+  and table.md ends with the cost line, so each artefact states the costs it was computed with.
+  """
   os.makedirs(directory, exist_ok=True)
+  described = cost.describe() if cost is not None else None
   with open(os.path.join(directory, 'metrics.json'), 'w') as f:
-    json.dump({k: v.metrics for k, v in results.items()}, f, indent=2)
+    json.dump({k: {**v.metrics, **({'cost_model': described} if described else {})} for k, v in results.items()},
+              f, indent=2)
   table = metrics_table(results)
+  if described:
+    table += f'\n\nCosts ({described["symbol"]}): {cost_text(described)}.'
   with open(os.path.join(directory, 'table.md'), 'w') as f:
     f.write(table + '\n')
   plot_equity(results, os.path.join(directory, 'equity.png'), time=time, title=title)
@@ -317,7 +562,10 @@ def _ppo_positions(workdir: str, symbol: str, time: np.ndarray | None, rows: np.
 def run_phase(config, workdir: str) -> dict:
   """Backtests PPO, the supervised signal, buy-and-hold, flat and random on every symbol's test span.
 
-  Writes workdir/backtest/<symbol>/{metrics.json, table.md, equity.png} and backtest/settings.json.
+  Costs come from `resolve_costs` (the data's spread, else config.backtest.spread, else a UserError). A symbol
+  with fewer than 2 test bars (its data ends before the common test split) is skipped and named in
+  settings.json. Writes workdir/backtest/<symbol>/{metrics.json, table.md, equity.png} and
+  backtest/settings.json (with the cost model of every symbol).
   """
   from absl import logging  # pylint: disable=g-import-not-at-top
   from natron import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -327,21 +575,32 @@ def run_phase(config, workdir: str) -> dict:
   bt = config.backtest
   frame = data_lib.load_market(config.data)
   ds = dataset_lib.build_dataset(frame, config)
+  # Costs first: a missing spread stops the run before the model is loaded.
+  costs = {}
+  for b in ds.bounds:
+    part = frame.iloc[b['start']:b['stop']]
+    costs[b['symbol']] = resolve_costs(part, b['symbol'], config, frame.attrs.get('points'),
+                                       spread_sources=frame.attrs.get('spread_sources'))
   predictor = Predictor.load(workdir, buckets=(1,), threshold=float(bt.threshold))
   out_dir = os.path.join(workdir, 'backtest')
-  summary, spans = {}, []
+  os.makedirs(out_dir, exist_ok=True)
+  trading_day = str(bt.get('trading_day', None) or TRADING_DAY)
+  summary, spans, used, skipped = {}, [], {}, {}
   for b in ds.bounds:
     sym = b['symbol']
     part = frame.iloc[b['start']:b['stop']].reset_index(drop=True)
-    rows = np.arange(b['test_start'] - b['start'], b['stop'] - b['start'])
+    rows = np.arange(min(b['test_start'], b['stop']) - b['start'], b['stop'] - b['start'])
     if len(rows) < 2:
-      raise UserError(f'symbol {sym}: the test span has {len(rows)} bars; use more data or a larger split.')
+      skipped[str(sym)] = f'{len(rows)} test bars (its data ends before the common test split)'
+      logging.warning('backtest: symbol %s skipped: %s.', sym, skipped[str(sym)])
+      continue
+    cost = costs[sym].span(int(rows[0]), int(rows[-1]) + 1)
     pred = predictor.predict_series(part, with_encoded=False)
     close = part['close'].to_numpy(np.float64)[rows]
-    spread = part['spread'].to_numpy(np.float64)[rows] if 'spread' in part else None
     time = part['time'].to_numpy() if 'time' in part else None
-    kw = dict(cost_bps=float(bt.cost_bps), spread=spread, time=None if time is None else time[rows],
-              periods_per_year=float(bt.periods_per_year), timeframe=str(config.data.timeframe))
+    kw = dict(cost_bps=cost.commission_bps, spread=cost.spread, time=None if time is None else time[rows],
+              periods_per_year=float(bt.periods_per_year), timeframe=str(config.data.timeframe),
+              trading_day=trading_day)
     policies = {}
     ppo = _ppo_positions(workdir, sym, time, rows)
     if ppo is not None:
@@ -356,12 +615,16 @@ def run_phase(config, workdir: str) -> dict:
     span = (f'{pd.Timestamp(time[rows[0]])} .. {pd.Timestamp(time[rows[-1]])}' if time is not None
             else f'rows {rows[0]}..{rows[-1]}')
     spans.append(f'{sym}: {span} ({len(rows)} bars)')
+    used[str(sym)] = cost.describe()
     table = save_results(results, os.path.join(out_dir, str(sym)), time=kw['time'],
-                         title=f'{sym} test span {span}, net of costs')
+                         title=f'{sym} test span {span}, net of costs', cost=cost)
     logging.info('backtest %s (%s):\n%s', sym, span, table)
     summary[str(sym)] = {name: {k: res.metrics[k] for k in ('total_return', 'sharpe', 'max_drawdown',
                                                               'num_trades')} for name, res in results.items()}
+  if not summary:
+    raise UserError(f'backtest: no symbol has a test span of 2 bars or more ({skipped}); use more data.')
   with open(os.path.join(out_dir, 'settings.json'), 'w') as f:
     json.dump({'cost_bps': float(bt.cost_bps), 'periods_per_year': float(bt.periods_per_year),
-               'threshold': float(bt.threshold), 'span': '; '.join(spans)}, f, indent=2)
+               'trading_day': trading_day, 'threshold': float(bt.threshold), 'span': '; '.join(spans),
+               'costs': used, 'skipped': skipped}, f, indent=2)
   return summary

@@ -7,13 +7,20 @@ and a batch gathers its [B, W, F] windows from it by index.
 Rules (each is tested in tests/test_dataset.py):
 - A window never crosses a symbol boundary, never includes a row < WARMUP or a non-finite feature, and (with
   `max_gap_bars > 0`) never spans a time gap longer than `max_gap_bars` bars; labels never span such a gap.
-- Splits are chronological per symbol: train ends < b1 <= val ends < b2 <= test ends, where b1/b2 come from
-  `dataset.split` fractions of the symbol's bars or from `dataset.split_dates`. A purge of P bars
-  (P >= max(horizon, regime_horizon) + window) separates them: val ends >= b1 + P and test ends >= b2 + P, so
-  the last bar any training label reads (t1 <= e + max horizon) lies before the first row of any validation
-  window, and likewise validation labels before test windows.
-- With several correlated symbols, prefer `split_dates`: fraction splits are per symbol, so symbols with
-  different date ranges would put one symbol's test period beside another's training period.
+- Splits are chronological on ONE calendar common to all symbols: two split times c1 <= c2 come from
+  `dataset.split_dates`, or from the `dataset.split` fractions of the union timeline (every bar time of any
+  symbol, sorted; one symbol: its own bars, so b1 = round(f_train * n) exactly as a per-symbol split). Per
+  symbol, b1/b2 = its first rows at or after c1/c2: train ends < b1 <= val ends < b2 <= test ends. A purge of
+  P bars of the symbol (P >= max(horizon, regime_horizon) + window) separates them: val ends >= b1 + P and
+  test ends >= b2 + P, so the last bar any training label reads (t1 <= e + max horizon) lies before the first
+  row of any validation window of the same symbol. Across symbols (whose bars need not line up) the same
+  holds by timestamp: a training window whose label ends at or after the earliest validation (or test) window
+  start of ANY symbol is dropped, and likewise validation windows before test windows. Symbols on one shared
+  timeline lose nothing to this check.
+- A symbol may have no rows in a split (its data starts after or ends before a split time): it is named in
+  the summary (`empty_splits`). A symbol without training windows has no training span to fit its label
+  thresholds on, so it is left out of every split (`excluded`); its rows stay in `features` and its bars can
+  still be backtested.
 - Statistics are fitted on the training span only: label thresholds (`make_labels(train_end=b1)`), class
   weights (train window ends), and the robust scaler (rows covered by training windows).
 """
@@ -127,30 +134,64 @@ def walk_forward_splits(ends, *, n_folds: int, test_size: int, gap: int = 0, tra
     yield train, test
 
 
-def _split_bounds(time: np.ndarray | None, n: int, config) -> tuple[int, int]:
-  """(b1, b2) local rows: train rows < b1 <= val rows < b2 <= test rows (before purging)."""
+def _parse_split_dates(config) -> tuple | None:
+  """dataset.split_dates as two UTC nanosecond stamps, or None when the split is by fractions."""
   dates = tuple(config.dataset.get('split_dates', ()) or ())
-  if dates:
-    if len(dates) != 2:
-      raise UserError(f'dataset.split_dates must be (val_start, test_start), got {dates}')
-    if time is None:
-      raise UserError('dataset.split_dates needs a time column')
-    stamps = []
-    for d in dates:
-      try:
-        ts = pd.Timestamp(d)
-      except (ValueError, TypeError) as e:
-        raise UserError(f'dataset.split_dates entry {d!r} is not a date') from e
-      stamps.append(ts.tz_localize('UTC') if ts.tzinfo is None else ts.tz_convert('UTC'))
-    if stamps[0] > stamps[1]:
-      raise UserError(f'dataset.split_dates must be increasing, got {dates}')
-    index = pd.DatetimeIndex(time)
-    return tuple(int(index.searchsorted(s)) for s in stamps)
+  if not dates:
+    return None
+  if len(dates) != 2:
+    raise UserError(f'dataset.split_dates must be (val_start, test_start), got {dates}')
+  stamps = []
+  for d in dates:
+    try:
+      ts = pd.Timestamp(d)
+    except (ValueError, TypeError) as e:
+      raise UserError(f'dataset.split_dates entry {d!r} is not a date') from e
+    stamps.append(ts.tz_localize('UTC') if ts.tzinfo is None else ts.tz_convert('UTC'))
+  if stamps[0] > stamps[1]:
+    raise UserError(f'dataset.split_dates must be increasing, got {dates}')
+  return tuple(int(ts.value) for ts in stamps)
+
+
+def _split_fractions(config) -> np.ndarray:
   split = np.asarray(config.dataset.split, np.float64)
   if split.shape != (3,) or np.any(split < 0) or split[0] <= 0 or split.sum() > 1 + 1e-9:
     raise UserError(f'dataset.split must be 3 non-negative fractions (train > 0) summing to <= 1, '
                     f'got {tuple(config.dataset.split)}')
-  return int(round(split[0] * n)), int(round((split[0] + split[1]) * n))
+  return split
+
+
+_NEVER = np.iinfo(np.int64).max   # a split time after every bar
+
+
+def split_times(time: pd.DatetimeIndex | None, config) -> tuple[int, int] | None:
+  """(c1, c2) UTC nanoseconds: the common validation and test split times of all symbols (None without time).
+
+  From `dataset.split_dates`, else the `dataset.split` fractions of the union timeline U (sorted distinct bar
+  times of every symbol): c1 = U[round(f_train * |U|)], c2 = U[round((f_train + f_val) * |U|)] (after the last
+  bar when the index is |U|).
+  """
+  dates = _parse_split_dates(config)
+  if dates is not None:
+    if time is None:
+      raise UserError('dataset.split_dates needs a time column')
+    return dates
+  split = _split_fractions(config)
+  if time is None:
+    return None
+  union = np.unique(time.asi8)
+  n = len(union)
+  at = lambda i: int(union[i]) if i < n else _NEVER
+  return at(int(round(split[0] * n))), at(int(round((split[0] + split[1]) * n)))
+
+
+def _split_bounds(sym_time: pd.DatetimeIndex | None, n: int, times: tuple[int, int] | None,
+                  config) -> tuple[int, int]:
+  """(b1, b2) local rows of one symbol: train rows < b1 <= val rows < b2 <= test rows (before purging)."""
+  if times is None:   # no time column: the symbol's own fractions (one symbol: the only choice)
+    split = _split_fractions(config)
+    return int(round(split[0] * n)), int(round((split[0] + split[1]) * n))
+  return tuple(int(np.searchsorted(sym_time.asi8, c, side='left')) for c in times)
 
 
 def _gap_breaks(time: np.ndarray | None, max_gap_bars: int, timeframe: str) -> np.ndarray | None:
@@ -275,15 +316,52 @@ class Dataset:
   def walk_forward(self, n_folds: int, *, test_size: int | None = None, gap: int | None = None,
                    expanding: bool = True, train_size: int | None = None,
                    labelled: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Walk-forward folds over every split's windows, per symbol (folds merged across symbols).
+    """Walk-forward folds over every split's windows, on one calendar for all symbols.
 
-    Per symbol, `walk_forward_splits` over its window ends with gap = the dataset's purge by default and
-    test_size = its windows // (n_folds + 1) when not given. The scaler stays the one fitted on the train
-    split; for a strictly out-of-sample scaler per fold, build a dataset per fold instead.
+    The test blocks are cut from the sorted distinct END TIMES of all symbols' windows (`walk_forward_splits`
+    over that timeline; test_size counts its entries, default len // (n_folds + 1)), so every symbol's fold k
+    tests the same dates. Per symbol, training ends lie `gap` of its own bars (default the dataset's purge)
+    before its first test end; across symbols, training windows whose labels end at or after the earliest test
+    window start of the fold are dropped (rolling: each symbol's latest `train_size`). One symbol: exactly
+    `walk_forward_splits` over its ends. Without timestamps each symbol is cut by its own window count. The
+    scaler stays the one fitted on the train split; for a strictly out-of-sample scaler per fold, build a
+    dataset per fold instead.
     """
     gap = self.purge if gap is None else int(gap)
-    all_ends = np.concatenate([self.split_ends(s, labelled) for s in SPLITS if s in self.ends])
-    all_ends = np.unique(all_ends)
+    all_ends = np.unique(np.concatenate([self.split_ends(s, labelled) for s in SPLITS if s in self.ends]))
+    if self.time is None:
+      yield from self._walk_forward_per_symbol(all_ends, n_folds, test_size, gap, expanding, train_size)
+      return
+    time_ns = self.time.astype('datetime64[ns]').astype(np.int64)
+    timeline = np.unique(time_ns[all_ends])
+    size = test_size or len(timeline) // (n_folds + 1)
+    blocks = [test for _, test in walk_forward_splits(len(timeline), n_folds=n_folds, test_size=size, gap=0)]
+    for fold, block in enumerate(blocks):
+      lo = timeline[block[0]]
+      hi = timeline[block[-1] + 1] if block[-1] + 1 < len(timeline) else _NEVER
+      trains, tests = [], []
+      for b in self.bounds:
+        ends = all_ends[(all_ends >= b['start']) & (all_ends < b['stop'])]
+        t = time_ns[ends]
+        test = ends[(t >= lo) & (t < hi)]
+        if len(test):
+          train = ends[ends <= test[0] - gap]
+        else:   # none of its windows in the block: its windows before it (the calendar purge below applies)
+          train = ends[t < lo]
+        if not expanding:
+          train = train[-train_size:]
+        trains.append(train)
+        tests.append(test)
+      train, test = np.concatenate(trains), np.concatenate(tests)
+      if len(test) and len(train) and len(self.bounds) > 1:
+        first_start = time_ns[test - self.window + 1].min()
+        train = train[time_ns[label_end_rows(train, self.labels.t1)] < first_start]
+      if len(train) == 0 or len(test) == 0:
+        raise UserError(f'walk-forward fold {fold} has no {"training" if len(test) else "test"} windows on the '
+                        'common calendar; use fewer folds or more data')
+      yield train, test
+
+  def _walk_forward_per_symbol(self, all_ends, n_folds, test_size, gap, expanding, train_size):
     per_symbol = []
     for b in self.bounds:
       ends = all_ends[(all_ends >= b['start']) & (all_ends < b['stop'])]
@@ -314,7 +392,7 @@ class Dataset:
     """Per split: agreement of regime labels with the generator's dominant true regime (None if unknown)."""
     if self.true_regime is None:
       return None
-    horizon = int(self.info['label_params'][self.symbols[0]]['regime_horizon'])
+    horizon = next(int(p['regime_horizon']) for p in self.info['label_params'].values() if 'regime_horizon' in p)
     dominant = np.concatenate([labels_lib.dominant_regime(self.true_regime[b['start']:b['stop']], horizon)
                                for b in self.bounds])
     out = {}
@@ -348,6 +426,10 @@ class Dataset:
         'thresholds': {s: {k: p[k] for k in ('direction_k', 'regime_mode', 'regime_thresholds', 'train_end')}
                        for s, p in self.info['label_params'].items()},
         'bounds': self.bounds,
+        'split_times': self.info.get('split_times'),
+        'excluded': self.info.get('excluded', {}),
+        'empty_splits': self.info.get('empty_splits', {}),
+        'calendar_purged': self.info.get('calendar_purged', {}),
     }
     agreement = self.regime_agreement()
     if agreement is not None:
@@ -419,37 +501,44 @@ def build_dataset(frame: pd.DataFrame, config, *, true_regime=None) -> Dataset:
   timeframe = str(config.data.get('timeframe', '15min'))
   time = _time_column(frame)
   warmup = int(features_lib.WARMUP)
+  blocks = _symbol_blocks(frame)
+  times = split_times(time, config)
+  if times is None and len(blocks) > 1:
+    logging.warning('dataset: no time column: each of %d symbols is split by its own fractions, not on a '
+                    'common calendar', len(blocks))
 
   columns = {c: frame[c].to_numpy(np.float64) for c in _PRICE_COLUMNS}
+  points = frame.attrs.get('points') or {}   # natron.data.load_market's quote grid per symbol (else inferred)
   feats, names, labels, ends, bounds, params = [], None, [], {s: [] for s in SPLITS}, [], {}
-  for sym, start, stop in _symbol_blocks(frame):
+  excluded, offset = {}, 0
+  for sym, start, stop in blocks:
     n = stop - start
     sub = {c: v[start:stop] for c, v in columns.items()}
     sym_time = None if time is None else time[start:stop]
     if sym_time is not None and np.any(np.diff(sym_time.asi8) <= 0):
       raise UserError(f'symbol {sym}: time must be strictly increasing')
-    f, f_names = features_lib.compute_features(sub)
+    point = points.get(sym)
+    f, f_names = (features_lib.compute_features(sub) if point is None else
+                  features_lib.compute_features(sub, point=point))
     f = np.asarray(f, np.float32)
     if names is not None and list(f_names) != list(names):
       raise ValueError('feature names differ between symbols')
     names = list(f_names)
     breaks = _gap_breaks(sym_time, max_gap, timeframe)
-    b1, b2 = _split_bounds(sym_time, n, config)
-    if b1 <= 0:
-      raise UserError(f'symbol {sym}: the training span is empty (split bounds {b1}, {b2})')
-    lab = labels_lib.make_labels(sub, config.labels, train_end=b1, breaks=breaks)
+    b1, b2 = _split_bounds(sym_time, n, times, config)
     ok = valid_window_ends(f, window, warmup, breaks)
     e = np.arange(n)
     local = {'train': e[ok & (e < b1)], 'val': e[ok & (e >= b1 + purge) & (e < b2)],
              'test': e[ok & (e >= b2 + purge)]}
     if len(local['train']) == 0:
-      raise UserError(f'symbol {sym}: no training windows; {n} bars with split bound {b1}, warm-up {warmup} '
-                      f'and window {window} leave none (use more bars)')
-    for s in ('val', 'test'):
-      if len(local[s]) == 0:
-        logging.warning('dataset: symbol %s has no %s windows (%d bars, bounds %d/%d, purge %d)', sym, s, n,
-                        b1, b2, purge)
-    offset = sum(len(x) for x in feats)
+      # No training span to fit this symbol's label thresholds on: it sits out every split (reported).
+      excluded[sym] = (f'no training windows ({b1} bars before the validation split, warm-up {warmup}, '
+                       f'window {window})')
+      logging.warning('dataset: symbol %s is left out of every split: %s', sym, excluded[sym])
+      local = {s: e[:0] for s in SPLITS}
+      lab = _no_labels(n)
+    else:
+      lab = labels_lib.make_labels(sub, config.labels, train_end=b1, breaks=breaks)
     for s in SPLITS:
       ends[s].append(local[s] + offset)
     feats.append(f)
@@ -457,12 +546,27 @@ def build_dataset(frame: pd.DataFrame, config, *, true_regime=None) -> Dataset:
     params[sym] = lab.params
     bounds.append({'symbol': sym, 'start': offset, 'stop': offset + n, 'train_end': offset + b1,
                    'val_start': offset + b1 + purge, 'val_end': offset + b2, 'test_start': offset + b2 + purge})
+    offset += n
+  if len(excluded) == len(blocks):
+    raise UserError(f'no symbol has training windows ({excluded}); use more bars or a larger training split')
 
-  features = np.concatenate(feats)
+  all_labels = _concat_labels(labels)
   ends = {s: np.concatenate(v).astype(np.int64) for s, v in ends.items()}
+  calendar_purged = {}
+  if time is not None and len(blocks) > 1:
+    ends, calendar_purged = _calendar_purge(ends, all_labels.t1, time.asi8, window)
+  empty = {}
+  for b in bounds:
+    if b['symbol'] in excluded:
+      continue
+    missing = [s for s in SPLITS if not np.any((ends[s] >= b['start']) & (ends[s] < b['stop']))]
+    if missing:
+      empty[b['symbol']] = missing
+      logging.warning('dataset: symbol %s has no %s windows (%d bars, purge %d)', b['symbol'],
+                      '/'.join(missing), b['stop'] - b['start'], purge)
+  features = np.concatenate(feats)
   scaler = fit_scaler(features[_covered_rows(ends['train'], window, len(features))],
                       float(config.dataset.scaler_clip), names)
-  all_labels = _concat_labels(labels)
   train_lab = ends['train'][np.any([all_labels.task(t)[ends['train']] >= 0 for t in labels_lib.TASKS], axis=0)]
   all_labels.class_weights = {t: labels_lib.class_weights(all_labels.task(t)[train_lab], labels_lib.NUM_CLASSES[t])
                               for t in labels_lib.TASKS}
@@ -476,7 +580,51 @@ def build_dataset(frame: pd.DataFrame, config, *, true_regime=None) -> Dataset:
       symbols=[b['symbol'] for b in bounds], bounds=bounds, purge=purge,
       batch_size=int(config.dataset.get('batch_size', 128)), true_regime=_true_regime(frame, true_regime),
       info={'warmup': warmup, 'label_params': params, 'max_gap_bars': max_gap,
-            'feature_schema_hash': features_lib.feature_schema_hash()})
+            'feature_schema_hash': features_lib.feature_schema_hash(),
+            'split_times': None if times is None else [_iso(c) for c in times],
+            'excluded': excluded, 'empty_splits': empty, 'calendar_purged': calendar_purged})
+
+
+def _iso(ns: int) -> str | None:
+  return None if ns == _NEVER else pd.Timestamp(ns, tz='UTC').isoformat()
+
+
+def _no_labels(n: int) -> labels_lib.Labels:
+  """All-unlabelled rows of a symbol that sits out every split."""
+  none = np.full(n, -1, np.int32)
+  return labels_lib.Labels(buy=none, sell=none.copy(), direction=none.copy(), regime=none.copy(),
+                           t1=np.full(n, -1, np.int64), weight=np.zeros(n, np.float32),
+                           sigma=np.full(n, np.nan),
+                           params={'direction_k': None, 'regime_mode': None, 'regime_thresholds': None,
+                                   'train_end': 0, 'excluded': True})
+
+
+def label_end_rows(ends: np.ndarray, t1: np.ndarray) -> np.ndarray:
+  """Last row each window's labels read (the window end itself when it has no label)."""
+  return np.maximum(t1[ends], ends)
+
+
+def _calendar_purge(ends: dict, t1: np.ndarray, time_ns: np.ndarray, window: int) -> tuple[dict, dict]:
+  """Drops windows whose labels end at or after the earliest later-split window start of ANY symbol.
+
+  Per-symbol purges count each symbol's own bars; symbols whose bars do not line up (holes, other sessions)
+  could still have a training label end after another symbol's first validation window. Returns (ends,
+  {split: windows dropped}).
+  """
+  out, dropped = dict(ends), {}
+
+  def first_start(split):
+    e = out[split]
+    return int(time_ns[e - window + 1].min()) if len(e) else _NEVER
+
+  for split, later in (('val', ('test',)), ('train', ('val', 'test'))):   # val first: train sees the final val
+    limit = min(first_start(c) for c in later)
+    e = out[split]
+    keep = time_ns[label_end_rows(e, t1)] < limit
+    if not keep.all():
+      dropped[split] = int((~keep).sum())
+      out[split] = e[keep]
+  return out, dropped
 
 
 def _covered_rows(ends: np.ndarray, window: int, n: int) -> np.ndarray:
@@ -507,6 +655,17 @@ def summary_markdown(summary: dict) -> str:
     fmt = lambda d: '/'.join(f'{v:.2f}' for v in d.values())
     lines.append(f"| {split} | {s['windows']} | {s['labelled_windows']} | {sh['buy']['BUY']:.3f} | "
                  f"{sh['sell']['SELL']:.3f} | {fmt(sh['direction'])} | {fmt(sh['regime'])} |")
+  if summary.get('split_times'):
+    lines += ['', 'Splits on one calendar for all symbols: validation from {}, test from {} (UTC).'.format(
+        *[t or 'after the data' for t in summary['split_times']])]
+  for sym, why in (summary.get('excluded') or {}).items():
+    lines.append(f'- {sym} is left out of every split: {why}.')
+  for sym, missing in (summary.get('empty_splits') or {}).items():
+    lines.append(f"- {sym} has no {' / '.join(missing)} windows (its data does not reach that part of the "
+                 'calendar).')
+  if summary.get('calendar_purged'):
+    lines.append('- Windows dropped so that no label ends after a later split starts for any symbol: ' +
+                 ', '.join(f'{k} {v}' for k, v in summary['calendar_purged'].items()) + '.')
   lines += ['', '| symbol | boundary | bars between last label and next window |', '|---|---|---|']
   lines += [f"| {g['symbol']} | {g['boundary']} | {g['bars_between']} |" for g in summary['purge_gaps']]
   if 'regime_agreement' in summary:

@@ -13,6 +13,8 @@ import os
 
 from absl import logging
 
+from natron.backtest import cost_text
+
 TASKS = ('buy', 'sell', 'direction', 'regime')
 
 
@@ -74,13 +76,20 @@ def backtest_section(workdir: str) -> list[str]:
     return lines + ['_The backtest phase did not run in this workdir._', '']
   settings = _load_json(os.path.join(workdir, 'backtest', 'settings.json'))
   if settings:
-    lines += [f"Costs: {settings.get('cost_bps')} bps per unit traded plus half the bar's spread; "
-              f"annualised with {settings.get('periods_per_year')} trading days from daily equity; "
-              f"test span {settings.get('span', 'n/a')}.", '']
+    lines += [f"Annualised with {settings.get('periods_per_year')} trading days from daily equity; "
+              f"test span {settings.get('span', 'n/a')}. Costs per symbol below, as the backtest applied them.",
+              '']
+    for sym, why in (settings.get('skipped') or {}).items():
+      lines += [f'- {sym}: not backtested ({why}).', '']
   for d in dirs:
     table = _read(os.path.join(d, 'table.md'))
-    lines += [f'### {os.path.basename(d)}', '', table or '_no table_', '']
     metrics = _load_json(os.path.join(d, 'metrics.json')) or {}
+    cost = next((m.get('cost_model') for m in metrics.values() if isinstance(m, dict) and m.get('cost_model')),
+                None)
+    if table and 'Costs (' in table:
+      table = table[:table.index('Costs (')].rstrip()   # stated once below, the same words
+    lines += [f'### {os.path.basename(d)}', '', table or '_no table_', '',
+              f'Costs ({os.path.basename(d)}): {cost_text(cost)}.', '']
     days = next(iter(metrics.values()), {}).get('days')
     if days is not None and days < 126:
       lines.append(f'- Caution: the test span is {days} trading days; annualised return, Sharpe, Sortino and '
@@ -104,6 +113,7 @@ def rl_section(workdir: str) -> list[str]:
     return lines + ['_The rl phase did not run in this workdir._', '']
   keep = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
   lines += ['| key | value |', '|---|---|'] + [f'| {k} | {v} |' for k, v in keep.items()]
+  lines += ['', f"Costs ({metrics.get('symbol', 'n/a')}, test span): {cost_text(metrics.get('cost_model'))}."]
   return lines + ['']
 
 

@@ -13,8 +13,13 @@ Layout on the (common) bar timeline of N bars, P = the dataset purge (natron.dat
 with b2 = s_k - P, so the dataset's own purge (test windows start at b2 + P) puts the first test window
 exactly at the block start, and b1 = b2 - P - val_bars. Each fold runs in workdir/walkforward/fold_<k>/ on a
 copy of the market cut to [train start, e_k) (written there as Parquet), so no phase can read a bar after its
-test block, with config.dataset.split_dates = (time[b1], time[b2]). Every phase resumes by itself, and a
-fold whose summary.json matches its plan is skipped, so an interrupted run continues where it stopped.
+test block, with config.dataset.split_dates = (time[b1], time[b2]): the folds are cut on one calendar for
+all symbols (the dataset splits every symbol at those dates). Every phase resumes by itself, and a fold whose
+summary.json matches its plan is skipped, so an interrupted run continues where it stopped.
+Costs: every symbol's cost model is resolved before any fold runs (`natron.backtest.resolve_costs`: a market
+without a spread and no backtest.spread stops here, not after hours of training); each fold's backtest
+records the model it applied, and report.md states it per fold and symbol (commission, spread source, mean
+spread in price units and points).
 Writes workdir/walkforward/{plan.json, summary.json, report.md}.
 """
 from __future__ import annotations
@@ -321,7 +326,8 @@ def _load_json(path):
 
 
 def fold_metrics(fold_dir: str) -> dict:
-  """What one finished fold wrote: {'backtest': {symbol: {policy: metrics}}, 'supervised': {task: {...}}}."""
+  """What one finished fold wrote: {'backtest': {symbol: {policy: metrics}}, 'supervised': {task: {...}},
+  'costs': {symbol: the cost model its backtest applied (natron.backtest.CostModel.describe())}}."""
   backtest = {}
   root = os.path.join(fold_dir, 'backtest')
   if os.path.isdir(root):
@@ -329,10 +335,17 @@ def fold_metrics(fold_dir: str) -> dict:
       m = _load_json(os.path.join(root, sym, 'metrics.json'))
       if m is not None:
         backtest[sym] = {p: {k: m[p].get(k) for k in METRICS} for p in m}
+  costs = {}
+  if os.path.isdir(root):
+    for sym in sorted(os.listdir(root)):
+      m = _load_json(os.path.join(root, sym, 'metrics.json')) or {}
+      cost = next((v['cost_model'] for v in m.values() if isinstance(v, dict) and v.get('cost_model')), None)
+      if cost is not None:
+        costs[sym] = cost
   report = _load_json(os.path.join(fold_dir, 'finetune', 'report.json')) or {}
   supervised = {t: {k: report['test'][t].get(k) for k in ('accuracy', 'macro_f1', 'majority_baseline')}
                 for t in TASKS if t in report.get('test', {})}
-  return {'backtest': backtest, 'supervised': supervised}
+  return {'backtest': backtest, 'supervised': supervised, 'costs': costs}
 
 
 def run_phase(config, workdir: str) -> dict:
@@ -346,6 +359,7 @@ def run_phase(config, workdir: str) -> dict:
   settings, phases = _settings(config), _phases(config)
   purge = dataset_lib.purge_of(config)
   frame = data_lib.load_market(config.data)
+  costs = market_costs(frame, config) if {'rl', 'backtest'} & set(phases) else {}   # before any fold runs
   timeline = common_timeline(frame)
   min_train = int(config.walkforward.get('min_train_bars', 0))
   if min_train <= 0:
@@ -360,7 +374,8 @@ def run_phase(config, workdir: str) -> dict:
   spans = [symbol_spans(fold_frame(common, d), d, purge) for d in dates]
   verify_spans(spans, purge)
   plan = {'settings': {**settings, 'purge': purge, 'min_train_bars': min_train, 'phases': list(phases)},
-          'bars': len(timeline), 'folds': [{'rows': f.to_dict(), 'dates': d} for f, d in zip(folds, dates)]}
+          'bars': len(timeline), 'folds': [{'rows': f.to_dict(), 'dates': d} for f, d in zip(folds, dates)],
+          'costs': costs}
   with open(os.path.join(out_dir, 'plan.json'), 'w') as f:
     json.dump(plan, f, indent=2)
   logging.info('walkforward: %d %s folds over %d bars (%s .. %s), test blocks of %d bars, purge %d, phases %s',
@@ -402,6 +417,18 @@ def run_phase(config, workdir: str) -> dict:
   with open(os.path.join(out_dir, 'report.md'), 'w') as f:
     f.write(report_markdown(summary))
   return {'folds': len(folds), **_flat_headline(summary['aggregate'])}
+
+
+def market_costs(frame: pd.DataFrame, config) -> dict:
+  """{symbol: CostModel.describe()} over the whole market: resolves (or refuses) every symbol's costs up front."""
+  from natron import backtest  # pylint: disable=g-import-not-at-top
+  symbols = frame['symbol'].astype(str).to_numpy() if 'symbol' in frame else np.full(len(frame), 'SYMBOL')
+  out = {}
+  for sym in sorted(set(symbols)):
+    part = frame.loc[symbols == sym]
+    out[sym] = backtest.resolve_costs(part, sym, config, frame.attrs.get('points'),
+                                      spread_sources=frame.attrs.get('spread_sources')).describe()
+  return out
 
 
 def _json_default(x):
@@ -485,6 +512,27 @@ def _wins(m, base):
   return f'{round(frac * n)} of {n}' if frac is not None else ''
 
 
+def cost_lines(rows: list[dict]) -> list[str]:
+  """The cost model each fold's backtest applied, per symbol (or a note that none was recorded)."""
+  from natron.backtest import cost_text  # pylint: disable=g-import-not-at-top
+  symbols = sorted({s for r in rows for s in list(r.get('backtest', {})) + list(r.get('costs', {}))})
+  if not symbols:
+    return []
+  lines = ['## Costs per fold', '', 'As each fold\'s backtest applied them (mean spread over its test block).', '',
+           '| fold | symbol | commission (bps) | spread source | mean spread | mean spread (points) |',
+           '|---|---|---|---|---|---|']
+  for r in rows:
+    for sym in symbols:
+      c = r.get('costs', {}).get(sym)
+      if c is None:
+        if sym in r.get('backtest', {}):
+          lines.append(f"| {r['fold']} | {sym} | {cost_text(None)} | | | |")
+        continue
+      lines.append(f"| {r['fold']} | {sym} | {c['commission_bps']} | {c['spread_source']} | "
+                   f"{_num(c['mean_spread'], '.6g')} | {_num(c.get('mean_spread_points'), '.2f')} |")
+  return lines + ['']
+
+
 def report_markdown(summary: dict) -> str:
   """The walk-forward page: plan, per-fold tables, aggregates. Losses are printed as losses."""
   plan, rows, agg = summary['plan'], summary['folds'], summary['aggregate']
@@ -530,6 +578,7 @@ def report_markdown(summary: dict) -> str:
       lines += ['_No PPO policy in these folds: add `rl` to walkforward.phases (before `backtest`)._', '']
   if not agg['backtest']:
     lines += ['_No backtest in the folds (add `backtest` to walkforward.phases)._', '']
+  lines += cost_lines(rows)
   if agg['supervised']:
     lines += ['## Supervised test metrics per fold', '', '| fold | ' + ' | '.join(
         f'{t} acc / macro-F1 (majority)' for t in TASKS) + ' |', '|---|' + '---|' * len(TASKS)]

@@ -32,14 +32,36 @@ def config():
   return _config()
 
 
-@pytest.fixture(scope='module')
-def frame(config):
-  return load_market(config.data)
+POINT = 1e-5
+
+
+def _on_grid(frame, point=POINT):
+  """Prices on a 5-digit quote grid, integer volumes, whole-point spreads (a no-op on data already so)."""
+  out = frame.copy()
+  for c in ('open', 'high', 'low', 'close'):   # rounding is monotone: high >= open, close >= low still hold
+    out[c] = np.round(out[c].to_numpy() / point) * point
+  out['volume'] = np.maximum(np.round(out['volume'].to_numpy()), 1.0)
+  if 'spread' in out:
+    out['spread'] = np.maximum(np.round(out['spread'].to_numpy() / point), 1.0) * point
+  out.attrs = dict(frame.attrs)
+  return out
 
 
 @pytest.fixture(scope='module')
-def ds(frame, config):
-  return D.build_dataset(frame, config, true_regime=D.synthetic_true_regime(frame, config.data))
+def market(config):
+  """(frame on the grid, the generator's true regimes), independent of how natron.data quantises."""
+  raw = load_market(config.data)
+  return _on_grid(raw), D.synthetic_true_regime(raw, config.data)
+
+
+@pytest.fixture(scope='module')
+def frame(market):
+  return market[0]
+
+
+@pytest.fixture(scope='module')
+def ds(market, config):
+  return D.build_dataset(market[0], config, true_regime=market[1])
 
 
 def _symbol_parts(ds):
@@ -106,7 +128,7 @@ def _perturb_after(frame, rows_from, seed=0):
     for c in ('open', 'high', 'low', 'close'):
       moved.loc[rows, c] *= factor
     moved.loc[rows, 'volume'] *= rng.uniform(0.5, 2.0, len(rows))
-  return moved
+  return _on_grid(moved)
 
 
 def test_no_leakage_from_validation_and_test_data(ds, frame, config):
@@ -269,7 +291,11 @@ def test_config_errors(frame):
       {k: L.DEFAULTS[k] for k in dataset_config.REGIME_LABEL_KEYS}
 
 
-def test_run_phase_writes_summary(tmp_path, config):
+def test_run_phase_writes_summary(tmp_path, config, market, monkeypatch):
+  from natron import data as data_lib
+  on_grid = market[0].copy()
+  on_grid.attrs = {**market[0].attrs, 'true_regime': market[1]}
+  monkeypatch.setattr(data_lib, 'load_market', lambda data_config: on_grid)
   result = D.run_phase(config, str(tmp_path))
   with open(os.path.join(tmp_path, 'dataset', 'summary.json')) as f:
     summary = json.load(f)
@@ -278,3 +304,129 @@ def test_run_phase_writes_summary(tmp_path, config):
   assert result['test_regime_agreement'] >= 0.7
   md = open(os.path.join(tmp_path, 'dataset', 'summary.md')).read()
   assert '| train |' in md and 'purge' in md
+
+
+# --------------------------------------------------------------------------------------------------
+# Several symbols on one calendar (issue 9, item 6): frames built here, on a 5-digit grid.
+# --------------------------------------------------------------------------------------------------
+SLOT = pd.Timedelta('15min')
+T0 = pd.Timestamp('2024-01-01', tz='UTC')
+
+
+def _grid_bars(symbol, slots, seed):
+  """N_BARS bars of `symbol` at 15-minute `slots` after T0: prices on a 1e-5 grid at ~1.1, integer volumes,
+  spreads of whole points (in price units)."""
+  assert len(slots) == N_BARS   # one frame length in this file: the feature graph compiles once
+  rng = np.random.default_rng(seed)
+  ticks = np.round(110_000 * np.exp(np.cumsum(rng.normal(0, 3e-4, N_BARS))))      # closes in points
+  open_ = np.r_[ticks[0], ticks[:-1]]
+  high = np.maximum(open_, ticks) + rng.integers(0, 15, N_BARS)
+  low = np.minimum(open_, ticks) - rng.integers(0, 15, N_BARS)
+  return pd.DataFrame({'time': T0 + SLOT * np.asarray(slots), 'open': open_ * POINT, 'high': high * POINT,
+                       'low': low * POINT, 'close': ticks * POINT,
+                       'volume': rng.integers(1, 500, N_BARS).astype(np.float64),
+                       'spread': rng.integers(1, 4, N_BARS) * POINT, 'symbol': symbol})
+
+
+def _market_of(*parts):
+  return pd.concat(parts, ignore_index=True)
+
+
+@pytest.fixture(scope='module')
+def uneven():
+  """A: 15-minute bars from T0; B starts 500 slots later and misses 400 of its 5400 slots (another calendar)."""
+  rng = np.random.default_rng(7)
+  b_slots = 500 + np.sort(rng.choice(5400, N_BARS, replace=False))
+  frame = _market_of(_grid_bars('A', np.arange(N_BARS), 1), _grid_bars('B', b_slots, 2))
+  config = _config(split=(0.6, 0.2, 0.2))
+  return frame, config, D.build_dataset(frame, config)
+
+
+def _times(ds, rows):
+  return pd.DatetimeIndex(ds.time[rows]).tz_localize('UTC')
+
+
+def test_splits_share_one_calendar_and_no_label_crosses_into_a_later_split_of_any_symbol(uneven):
+  frame, config, ds = uneven
+  union = np.unique(pd.DatetimeIndex(frame['time']).asi8)
+  c1, c2 = union[int(round(0.6 * len(union)))], union[int(round(0.8 * len(union)))]
+  assert ds.info['split_times'] == [pd.Timestamp(c1, tz='UTC').isoformat(), pd.Timestamp(c2, tz='UTC').isoformat()]
+  ns = ds.time.astype('datetime64[ns]').astype(np.int64)
+  parts = {b['symbol']: {s: e[(e >= b['start']) & (e < b['stop'])] for s, e in ds.ends.items()} for b in ds.bounds}
+  for sym, p in parts.items():
+    assert all(len(p[s]) for s in D.SPLITS), sym
+    # Every symbol is cut at the same dates: its training rows before c1, validation in [c1, c2), test after c2.
+    assert ns[p['train']].max() < c1 <= ns[p['val'] - ds.window + 1].min()
+    assert ns[p['val']].max() < c2 <= ns[p['test'] - ds.window + 1].min()
+  for b in ds.bounds:   # and purged in its own bars
+    p = parts[b['symbol']]
+    b1 = b['start'] + np.searchsorted(ns[b['start']:b['stop']], c1)
+    b2 = b['start'] + np.searchsorted(ns[b['start']:b['stop']], c2)
+    assert p['val'].min() - b1 >= ds.purge and p['test'].min() - b2 >= ds.purge
+  # By timestamp, across symbols: the last bar a training (validation) label of ANY symbol reads lies before
+  # the first row of the first validation (test) window of ANY symbol.
+  label_end = lambda e: ns[np.maximum(ds.labels.t1[e], e)].max()
+  window_start = lambda e: ns[e - ds.window + 1].min()
+  for a in parts:
+    for b in parts:
+      assert label_end(parts[a]['train']) < window_start(parts[b]['val']), (a, b)
+      assert label_end(parts[a]['val']) < window_start(parts[b]['test']), (a, b)
+      assert label_end(parts[a]['train']) < window_start(parts[b]['test']), (a, b)
+  # B's sparser calendar makes its last training labels reach past A's first validation window: the calendar
+  # purge dropped them (a per-symbol purge alone would not).
+  assert ds.info['calendar_purged'].get('train', 0) > 0
+  s = ds.summary()
+  assert s['split_times'] == ds.info['split_times'] and 'one calendar' in D.summary_markdown(s)
+
+
+def test_single_symbol_split_is_unchanged_by_the_common_calendar(uneven):
+  frame, config, _ = uneven
+  one = D.build_dataset(frame[frame['symbol'] == 'A'].reset_index(drop=True), config)
+  (b,) = one.bounds
+  assert (b['train_end'], b['val_end']) == (3000, 4000)          # round(0.6 * 5000), round(0.8 * 5000)
+  assert one.ends['train'].max() == 2999 and one.ends['val'].min() == 3000 + one.purge
+  assert one.ends['test'].min() == 4000 + one.purge and not one.info['calendar_purged']
+  # Walk-forward: exactly the generic generator over its window ends.
+  ends = np.unique(np.concatenate([one.split_ends(s) for s in D.SPLITS]))
+  expected = list(D.walk_forward_splits(ends, n_folds=3, test_size=len(ends) // 4, gap=one.purge))
+  for (tr, te), (etr, ete) in zip(one.walk_forward(3), expected):
+    np.testing.assert_array_equal(tr, etr)
+    np.testing.assert_array_equal(te, ete)
+
+
+def test_walk_forward_folds_test_the_same_dates_for_every_symbol(uneven):
+  _, _, ds = uneven
+  ns = ds.time.astype('datetime64[ns]').astype(np.int64)
+  every = np.unique(np.concatenate([ds.split_ends(s) for s in D.SPLITS]))
+  previous_end = None
+  for train, test in ds.walk_forward(3):
+    lo, hi = ns[test].min(), ns[test].max()
+    for b in ds.bounds:   # each symbol is tested on all of its windows inside the fold's common block
+      mine = every[(every >= b['start']) & (every < b['stop'])]
+      np.testing.assert_array_equal(test[(test >= b['start']) & (test < b['stop'])],
+                                    mine[(ns[mine] >= lo) & (ns[mine] <= hi)])
+      assert np.any((test >= b['start']) & (test < b['stop']))
+    assert ns[np.maximum(ds.labels.t1[train], train)].max() < ns[test - ds.window + 1].min()
+    if previous_end is not None:
+      assert lo > previous_end
+    previous_end = hi
+
+
+def test_symbols_without_rows_in_a_split_are_reported_not_fatal():
+  # A ends before the validation split, C before the test split, E starts after the validation split.
+  frame = _market_of(_grid_bars('A', np.arange(N_BARS), 1), _grid_bars('C', 2000 + np.arange(N_BARS), 2),
+                     _grid_bars('E', 7000 + np.arange(N_BARS), 3))
+  ds = D.build_dataset(frame, _config(split=(0.5, 0.25, 0.25)))
+  info = ds.info
+  assert set(info['excluded']) == {'E'} and 'no training windows' in info['excluded']['E']
+  assert info['empty_splits'] == {'A': ['val', 'test'], 'C': ['test']}
+  e_bound = ds.bounds[2]
+  for s in D.SPLITS:
+    assert not np.any((ds.ends[s] >= e_bound['start']) & (ds.ends[s] < e_bound['stop']))
+  assert len(ds.ends['val']) and len(ds.ends['train'])
+  summary = ds.summary()
+  json.dumps(summary, default=str)
+  md = D.summary_markdown(summary)
+  assert 'E is left out of every split' in md and 'A has no val / test windows' in md
+  with pytest.raises(UserError, match='no symbol has training windows'):
+    D.build_dataset(frame[frame['symbol'] == 'E'].reset_index(drop=True), _config(split=(0.1, 0.45, 0.45)))

@@ -247,12 +247,20 @@ def test_rl_phase_end_to_end_and_resume(tmp_path, fast_compile):
   assert set(np.unique(saved['position'])) <= {-1.0, 0.0, 1.0}
   # The reported test return is the backtest of the saved positions, costs included.
   result = backtest.run(saved['close'], saved['position'], cost_bps=config.backtest.cost_bps,
-                        spread=saved['spread'] if saved['spread'].size else None, time=saved['time'],
-                        periods_per_year=config.backtest.periods_per_year)
+                        spread=saved['spread'], time=saved['time'], periods_per_year=config.backtest.periods_per_year)
+  # The same float64 arithmetic on the same arrays: equal up to summation order (~1e-16 per step).
   assert summary['test_total_return'] == pytest.approx(result.metrics['total_return'], abs=1e-12)
   assert summary['flat_total_return'] == 0.0 and summary['num_updates'] == 4
   with open(os.path.join(rl_dir, 'metrics.json')) as f:
     metrics = json.load(f)
+  # The cost model used is stated: the data's spread over the test span, the commission, and its source.
+  cost = metrics['cost_model']
+  assert cost['spread_source'].startswith('data') and cost['commission_source'] == 'backtest.cost_bps'
+  assert cost['bars'] == summary['test_bars'] and cost['commission_bps'] == config.backtest.cost_bps
+  # Mean of test-span spreads in float64: a few ulps of summation error.
+  assert cost['mean_spread'] == pytest.approx(float(np.mean(saved['spread'])), rel=1e-12) and cost['mean_spread'] > 0
+  with open(os.path.join(rl_dir, 'test', 'table.md')) as f:
+    assert 'Costs (' in f.read()
   assert len(metrics['val_total_return_per_seed']) == 2
   assert metrics['chosen_seed'] == int(np.argmax(metrics['val_total_return_per_seed']))
   with open(os.path.join(rl_dir, 'train_metrics.jsonl')) as f:

@@ -129,6 +129,47 @@ def test_aggregate_compounds_returns_and_counts_wins():
   assert 'No PPO policy' not in text and '-1.00%' in text                            # drawdown is a loss
 
 
+def test_report_states_each_folds_cost_model():
+  cost = {'symbol': 'X', 'commission_bps': 1.0, 'commission_source': 'backtest.cost_bps',
+          'spread_source': 'config backtest.spread: 1.2 points x point 1e-05', 'mean_spread': 1.2e-5,
+          'mean_spread_points': 1.2, 'point': 1e-5, 'bars': 100}
+  metrics = {'flat': {'total_return': 0.0, 'sharpe': 0.0, 'max_drawdown': 0.0, 'num_trades': 0}}
+  rows = [{'fold': 0, 'backtest': {'X': metrics}, 'supervised': {}, 'costs': {'X': cost}},
+          {'fold': 1, 'backtest': {'X': metrics}, 'supervised': {}}]   # a fold from before costs were recorded
+  text = wf.report_markdown({'plan': {'settings': {'mode': 'expanding', 'purge': 1, 'phases': ['backtest']},
+                                      'bars': 10, 'folds': []}, 'folds': rows, 'aggregate': wf.aggregate(rows)})
+  assert '## Costs per fold' in text
+  assert '| 0 | X | 1.0 | config backtest.spread: 1.2 points x point 1e-05 | 1.2e-05 | 1.20 |' in text
+  assert '| 1 | X | cost model not recorded' in text
+
+
+def test_a_market_without_spread_stops_before_any_fold_runs(tmp_path, monkeypatch):
+  times = pd.date_range('2024-01-01', periods=3000, freq='15min', tz='UTC')
+  frame = pd.concat([_bars('A', times)], ignore_index=True)   # no spread column, no backtest.spread
+  monkeypatch.setattr(data_lib, 'load_market', lambda data_config: frame)
+  monkeypatch.setattr(wf, '_run_phases', lambda *a: pytest.fail('a fold ran without a cost model'))
+  config = walkforward_config.get_config('quick')
+  with pytest.raises(UserError, match='never falls back to commission only'):
+    wf.run_phase(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'walkforward' / 'fold_0')
+  # Naming a spread is enough to get past the cost check: the folds start, and the plan records the costs.
+  config.backtest.spread = '0.0002'
+
+  class Reached(Exception):
+    pass
+
+  def reached(*args):
+    raise Reached('folds reached')
+
+  monkeypatch.setattr(wf, '_run_phases', reached)
+  with pytest.raises(Reached):
+    wf.run_phase(config, str(tmp_path))
+  plan = json.loads(_read(str(tmp_path), 'plan.json'))
+  assert plan['costs']['A']['spread_source'] == 'config backtest.spread: 0.0002 (price units)'
+  # The mean of 3000 equal float64 values: pairwise summation is off by a few ulps at most.
+  assert plan['costs']['A']['mean_spread'] == pytest.approx(0.0002, rel=1e-13)
+
+
 def test_config_quick_variant_and_sections():
   config = walkforward_config.get_config('quick')
   assert config.phase == 'walkforward' and config.walkforward.folds == 3
@@ -204,6 +245,13 @@ def test_end_to_end_writes_per_fold_and_aggregate_metrics(wf_run):
   assert result['SYNTH.buy_and_hold.compounded_return'] == pytest.approx(agg['buy_and_hold']['compounded_return'])
   report = _read(workdir, 'report.md')
   assert '## Aggregate: SYNTH' in report and '| 1 | supervised |' in report
+  # The cost model each fold's backtest applied: commission, the data's spread, its mean.
+  assert '## Costs per fold' in report and summary['plan']['costs']['SYNTH']['spread_source'].startswith('data')
+  for row in summary['folds']:
+    cost = row['costs']['SYNTH']
+    assert cost['commission_bps'] == config.backtest.cost_bps and cost['mean_spread'] > 0
+    assert cost['spread_source'].startswith('data') and cost['bars'] == 300   # the test block
+    assert f"| {row['fold']} | SYNTH | {cost['commission_bps']} | {cost['spread_source']} |" in report
   assert summary['pretrained_encoder'] is None   # no workdir/pretrain: each fold fine-tunes from scratch
   with open(os.path.join(workdir, 'walkforward', 'fold_0', 'config.json')) as f:
     assert json.load(f)['finetune']['model_init'] == ''

@@ -54,7 +54,8 @@ class EnvParams:
 
   features: [T, D] float32 market row per bar (normalised with training-span statistics by the caller).
   close: [T] float32 close prices (> 0).
-  spread: [T] float32 quoted spread in price units (0 when the data has none).
+  spread: [T] float32 quoted spread in price units (the rl phase passes natron.backtest.resolve_costs' spread;
+    `make_params(spread=None)` means zero, for library callers only).
   log_ret: [T] float32 backward log returns, log_ret[t] = log(close[t] / close[t-1]), log_ret[0] = 0,
     computed in float64 on the host (float32 differences of log prices lose digits).
   """

@@ -10,6 +10,9 @@ Stages:
 3. PPO (`natron.rl.ppo`): `rl.num_seeds` agents at once (`jax.vmap`), in jitted chunks of
    `rl.checkpoint_every` updates; after each chunk an Orbax checkpoint in workdir/rl/checkpoints (a rerun
    resumes from the latest one; a finished run is not retrained).
+   Costs come from `natron.backtest.resolve_costs` (commission rl.cost_bps or backtest.cost_bps; the data's
+   spread, else backtest.spread, else a UserError): the same spread in the environment's reward and in
+   every evaluation, and stated (commission, spread source, mean spread) in metrics.json and the test table.
 4. Evaluation, costs included (`natron.backtest.run`): each seed's greedy policy on the validation span picks
    the seed; that policy is then run once on the test span and compared with always-flat, buy-and-hold, the
    supervised signal and random policies. Writes workdir/rl/policy_test.npz (position, close, time, symbol),
@@ -59,12 +62,13 @@ def standardise(rows: np.ndarray, first: int, train_end: int, clip: float = 10.0
   return np.nan_to_num(out, nan=0.0).astype(np.float32), mean.astype(np.float32), std.astype(np.float32)
 
 
-def _pick_bound(bounds: list[dict], symbol: str) -> dict:
+def _pick_bound(bounds: list[dict], symbol: str, excluded=()) -> dict:
   if not symbol:
+    usable = [b for b in bounds if b['symbol'] not in excluded] or bounds
     if len(bounds) > 1:
-      logging.warning('rl: %d symbols; trading the first (%s). Set rl.symbol to choose.', len(bounds),
-                      bounds[0]['symbol'])
-    return bounds[0]
+      logging.warning('rl: %d symbols; trading the first with a training span (%s). Set rl.symbol to choose.',
+                      len(bounds), usable[0]['symbol'])
+    return usable[0]
   for b in bounds:
     if str(b['symbol']) == symbol:
       return b
@@ -84,12 +88,17 @@ def run_phase(config, workdir: str) -> dict:
   # --- 1. Data and splits --------------------------------------------------------------------------------
   frame = data_lib.load_market(config.data)
   ds = dataset_lib.build_dataset(frame, config)
-  bound = _pick_bound(ds.bounds, str(rl.get('symbol', '') or ''))
+  bound = _pick_bound(ds.bounds, str(rl.get('symbol', '') or ''), ds.info.get('excluded', {}))
   symbol, lo, hi = str(bound['symbol']), int(bound['start']), int(bound['stop'])
   part = frame.iloc[lo:hi].reset_index(drop=True)
   train_ends = ds.ends['train'][(ds.ends['train'] >= lo) & (ds.ends['train'] < hi)] - lo
   if len(train_ends) == 0:
     raise UserError(f'rl: symbol {symbol} has no training windows.')
+  override = float(rl.cost_bps) >= 0
+  costs = backtest.resolve_costs(part, symbol, config, frame.attrs.get('points'),
+                                 spread_sources=frame.attrs.get('spread_sources'),
+                                 cost_bps=float(rl.cost_bps) if override else None,
+                                 commission_source='rl.cost_bps' if override else 'backtest.cost_bps')
 
   # --- 2. Market rows: embeddings once, standardised on the training span --------------------------------
   t0 = time.perf_counter()
@@ -101,10 +110,10 @@ def run_phase(config, workdir: str) -> dict:
   test = (int(bound['test_start']) - lo, hi - lo)
   rows, obs_mean, obs_std = standardise(market_rows(pred, bool(rl.use_head_probs)), first, train_end)
   close = part['close'].to_numpy(np.float64)
-  spread = part['spread'].to_numpy(np.float64) if 'spread' in part else None
+  spread = costs.spread
   times = part['time'].to_numpy() if 'time' in part else None
   sigma = float(np.std(np.diff(np.log(close[first:train_end]))))
-  cost_bps = float(rl.cost_bps) if float(rl.cost_bps) >= 0 else float(config.backtest.cost_bps)
+  cost_bps = costs.commission_bps
   env_params = env_lib.make_params(
       rows, close, spread=spread, train_end=train_end, episode_length=int(rl.episode_length),
       start_low=first, cost_bps=cost_bps, alpha=float(rl.alpha), beta=float(rl.beta),
@@ -120,12 +129,13 @@ def run_phase(config, workdir: str) -> dict:
   # --- 4. Evaluation on validation (seed choice) and test (the report) ------------------------------------
   params = runner.train_state.params
   bt_kw = dict(cost_bps=cost_bps, periods_per_year=float(config.backtest.periods_per_year),
-               timeframe=str(config.data.timeframe))
+               timeframe=str(config.data.timeframe),
+               trading_day=str(config.backtest.get('trading_day', None) or backtest.TRADING_DAY))
 
   def backtest_span(position, span):
     s, e = span
-    return backtest.run(close[s:e], position, spread=None if spread is None else spread[s:e],
-                        time=None if times is None else times[s:e], **bt_kw)
+    return backtest.run(close[s:e], position, spread=spread[s:e], time=None if times is None else times[s:e],
+                        **bt_kw)
 
   def positions(span):
     s, e = span
@@ -148,10 +158,11 @@ def run_phase(config, workdir: str) -> dict:
   random_returns = [backtest_span(backtest.random_policy(e - s, seed=int(config.seed) + k), test)
                     .metrics['total_return'] for k in range(int(rl.random_seeds))]
   test_time = None if times is None else times[s:e]
+  test_costs = costs.span(s, e)
   table = backtest.save_results(results, os.path.join(out_dir, 'test'), time=test_time,
-                                title=f'{symbol} test span, net of costs (PPO seed {best} chosen on validation)')
-  np.savez(os.path.join(out_dir, 'policy_test.npz'), position=position, close=close[s:e],
-           spread=np.asarray([]) if spread is None else spread[s:e],
+                                title=f'{symbol} test span, net of costs (PPO seed {best} chosen on validation)',
+                                cost=test_costs)
+  np.savez(os.path.join(out_dir, 'policy_test.npz'), position=position, close=close[s:e], spread=spread[s:e],
            time=np.asarray([]) if test_time is None else test_time, symbol=symbol, start_row=lo + s)
   save_policy(os.path.join(out_dir, 'policy'), jax.tree.map(lambda x: np.asarray(x[best]), params), {
       'symbol': symbol, 'seed_index': best, 'obs_mean': obs_mean, 'obs_std': obs_std, 'obs_clip': 10.0,
@@ -180,12 +191,13 @@ def run_phase(config, workdir: str) -> dict:
       'val_total_return_per_seed': [float(v) for v in val_returns],
       'test_total_return_per_seed': [float(v) for v in test_returns],
       'cost_bps': cost_bps,
+      'cost_model': test_costs.describe(),
       **train_info,
   }
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
     json.dump(summary, f, indent=2, default=float)
   logging.info('rl: test span of %s, net of costs:\n%s', symbol, table)
-  return {k: v for k, v in summary.items() if not isinstance(v, list)}
+  return {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
 
 
 # =========================================================================================== training
