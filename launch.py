@@ -137,5 +137,33 @@ def main(argv):
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with the user's config mistakes (an unknown key in --config.a.b=v, an unknown
+  `:variant`, a value of the wrong type) reported as one readable line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+    print(f'natron: error: {_config_error(e)}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_error(e: Exception) -> str:
+  text = str(e.args[0]) if isinstance(e, (AttributeError, KeyError)) and e.args else str(e)
+  text = text.replace('\\n', '\n').replace("\\'", "'")   # ml_collections nests a KeyError's repr
+  if 'Traceback (most recent call last)' in text:   # an error raised inside the config file: its last line
+    lines = [l for l in text.splitlines() if l.strip()]
+    return f'{lines[0].split(":")[0]}: {lines[-1]}'
+  if isinstance(e, (AttributeError, KeyError)):
+    # ml_collections says "'epocs'\nDid you mean "epochs" instead of "epocs"?": name the full key instead.
+    bad = text.split('\n')[0].strip('\'"')
+    hint = next((l for l in text.split('\n') if l.startswith('Did you mean')), '')
+    suggestion = hint.split('"')[1] if hint.count('"') >= 2 else ''
+    keys = [a[len('--config.'):].split('=', 1)[0] for a in sys.argv[1:] if a.startswith('--config.')]
+    key = next((k for k in keys if bad in k.split('.')), bad)
+    return (f'unknown config key {key}' + (f' (did you mean {suggestion}?)' if suggestion else '') +
+            '; see the config file for the keys it defines')
+  return text
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -26,6 +26,6 @@ def get_config(arg=None):
   args = base.parse_arg(arg)
   config = base.get_base_config()
   config.phase = 'backtest'
-  if args.get('quick'):
+  if args.quick:
     base.apply_quick(config)
   return config

@@ -2,6 +2,8 @@
 
 Not a runnable config by itself: see configs/pipeline.py for the main job.
 """
+import difflib
+
 import ml_collections
 
 
@@ -96,11 +98,38 @@ def apply_quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def parse_arg(arg) -> dict:
-  """'quick,foo=1' -> {'quick': True, 'foo': '1'} (big_vision-style config variants)."""
-  out = {}
+_TRUE, _FALSE = ('true', '1', 'yes', ''), ('false', '0', 'no')
+
+
+def parse_arg(arg, **spec) -> ml_collections.ConfigDict:
+  """Strictly parses a config variant string (big_vision's `parse_arg`): 'quick' or 'quick=False,n=3'.
+
+  `spec` names every accepted key with its default, whose type the value is parsed to (default: `quick=False`).
+  An unknown key ('quik') or a malformed value ('quick=maybe') raises ValueError naming the known keys, so a
+  typo never silently runs another variant.
+  """
+  spec = spec or {'quick': False}
+  out = ml_collections.ConfigDict(dict(spec))
   for part in (arg or '').split(','):
-    if part:
-      key, _, value = part.partition('=')
-      out[key] = value if value else True
+    part = part.strip()
+    if not part:
+      continue
+    key, has_value, value = part.partition('=')
+    key, value = key.strip(), value.strip()
+    if key not in spec:
+      close = difflib.get_close_matches(key, list(spec), n=1)
+      hint = f' (did you mean {close[0]}?)' if close else ''
+      raise ValueError(f'unknown config variant {key!r}{hint}; known: {", ".join(sorted(spec))}')
+    default = spec[key]
+    try:
+      if isinstance(default, bool):
+        if value.lower() not in _TRUE + _FALSE:
+          raise ValueError(value)
+        out[key] = value.lower() in _TRUE
+      elif has_value and default is not None:
+        out[key] = type(default)(value)
+      else:
+        out[key] = value if has_value else True
+    except ValueError:
+      raise ValueError(f'config variant {key}={value!r} is not a valid {type(default).__name__}') from None
   return out

@@ -4,7 +4,16 @@ r"""Builds the labelled, purged dataset and writes its summary (no training).
   python launch.py --config=configs/dataset.py:quick --workdir=runs/dataset_quick
   python launch.py --config=configs/dataset.py --workdir=runs/ds2 --config.data.synthetic_symbols=2
   python launch.py --config=configs/dataset.py --workdir=runs/eurusd --config.data.path=EURUSD_M15.csv \
-      --config.dataset.split_dates="('2023-01-01','2023-07-01')" --config.dataset.max_gap_bars=200
+      --config.data.tz=EET --config.dataset.split_dates="('2023-01-01','2023-07-01')" \
+      --config.dataset.max_gap_bars=200
+  python launch.py --config=configs/dataset.py:quick --workdir=runs/weak --config.data.synthetic_preset=realistic
+
+Data keys (configs/base.py): data.tz is the zone of the files' naive times (MT5 exports are broker server
+time: 'EET' for UTC+2/+3 with daylight saving, or a fixed offset '+02:00'; unset: UTC, said in the log);
+data.point is the quote grid ('1e-5', or per file stem 'EURUSD=1e-5,USDJPY=1e-3'; unset: inferred from the
+quote decimals, said in the log) and converts MT5 spreads in points to price units; data.synthetic_preset
+picks the synthetic market: 'learnable' (the demo; the expected figures below are for it) or 'realistic'
+(real-FX-weak structure: drift and lag-1 autocorrelation at real magnitudes, so expect much lower agreement).
 
 Writes runs/<...>/dataset/summary.json and summary.md: windows per split, class shares per split and task,
 the purge gap measured at every split boundary, scaler statistics, fitted label thresholds, class weights and,
@@ -52,8 +61,8 @@ def get_config(arg=None):
   args = base.parse_arg(arg)
   config = base.get_base_config()
   config.phase = 'dataset'
-  config.dataset = section(bool(args.get('quick')))
+  config.dataset = section(args.quick)
   config.labels = labels_section()
-  if args.get('quick'):
+  if args.quick:
     base.apply_quick(config)
   return config

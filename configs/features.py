@@ -32,8 +32,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   args = base.parse_arg(arg)
   config = base.get_base_config()
   config.phase = 'features'
-  config.features = section(bool(args.get('quick')))
-  if args.get('quick'):
+  config.features = section(args.quick)
+  if args.quick:
     base.apply_quick(config)
     config.data.synthetic_bars = 6_000
   return config

@@ -79,8 +79,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   args = base.parse_arg(arg)
   config = base.get_base_config()
   config.phase = 'finetune'
-  config.finetune = section(quick='quick' in args)
-  if 'quick' in args:
+  config.finetune = section(quick=args.quick)
+  if args.quick:
     base.apply_quick(config)
   return config
 

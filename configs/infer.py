@@ -37,5 +37,5 @@ def get_config(arg=None):
   args = base.parse_arg(arg)
   config = base.get_base_config()
   config.phase = 'infer'
-  config.update(section(bool(args.get('quick'))))   # the bundle decides the model size
+  config.update(section(args.quick))   # the bundle decides the model size
   return config

@@ -39,7 +39,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   args = base.parse_arg(arg)
   config = base.get_base_config()
   config.phase = 'inspect'
-  config.inspect = section(quick='quick' in args)
-  if 'quick' in args:
+  config.inspect = section(quick=args.quick)
+  if args.quick:
     base.apply_quick(config)
   return config

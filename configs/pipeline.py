@@ -19,7 +19,7 @@ from configs import walkforward
 
 def get_config(arg=None):
   args = base.parse_arg(arg)
-  quick = bool(args.get('quick'))
+  quick = args.quick
   config = base.get_base_config()
   config.phases = ('dataset', 'pretrain', 'finetune', 'inspect', 'rl', 'backtest', 'report')
   config.pretrain = pretrain.section(quick)

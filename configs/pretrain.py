@@ -58,7 +58,7 @@ def get_config(arg=None):
   finetune.model_init=<workdir>/pretrain (or 'auto' in the pipeline).
   """
   args = base.parse_arg(arg)
-  quick = bool(args.get('quick'))
+  quick = args.quick
   config = base.get_base_config()
   config.phase = 'pretrain'
   config.pretrain = section(quick)

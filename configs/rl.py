@@ -67,7 +67,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   args = base.parse_arg(arg)
   config = base.get_base_config()
   config.phase = 'rl'
-  config.rl = section(quick='quick' in args)
-  if 'quick' in args:
+  config.rl = section(quick=args.quick)
+  if args.quick:
     base.apply_quick(config)
   return config

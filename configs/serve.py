@@ -45,5 +45,5 @@ def get_config(arg=None):
   args = base.parse_arg(arg)
   config = base.get_base_config()
   config.phase = 'serve'
-  config.update(section(bool(args.get('quick'))))
+  config.update(section(args.quick))
   return config

@@ -53,7 +53,7 @@ def section(quick: bool = False) -> ml_collections.ConfigDict:
 def get_config(arg=None) -> ml_collections.ConfigDict:
   """`configs/walkforward.py` (seed scale) or `configs/walkforward.py:quick` (small model, minutes per fold)."""
   args = base.parse_arg(arg)
-  quick = 'quick' in args
+  quick = args.quick
   config = base.get_base_config()
   config.phase = 'walkforward'
   config.walkforward = section(quick)

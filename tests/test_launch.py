@@ -63,3 +63,28 @@ def test_sweep_runs_every_override_and_writes_a_table(tmp_path):
   sub = json.loads((tmp_path / 'sw' / 'sweep_1' / 'config.json').read_text())
   assert sub['seed'] == 2 and sub['backtest']['cost_bps'] == 3.0
   assert (tmp_path / 'sw' / 'sweep.md').read_text().startswith('| run |')
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--config=configs/finetune.py:quik',), "unknown config variant 'quik' (did you mean quick?)"),
+    (('--config=configs/finetune.py:quick=maybe',), "quick='maybe' is not a valid bool"),
+    (('--config=configs/finetune.py:quick', '--config.finetune.epocs=3'),
+     'unknown config key finetune.epocs (did you mean epochs?)'),
+    (('--config=configs/finetune.py', '--config.finetune.epochs=many'), 'finetune.epochs=many'),
+])
+def test_config_mistakes_are_one_readable_line(tmp_path, args, message):
+  """A typo in a variant or an override never runs another config and never ends in a traceback."""
+  proc = launch(*args, f'--workdir={tmp_path}', timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.startswith('natron: error:') and message in proc.stderr, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_config_variants_parse_strictly():
+  sys.path.insert(0, ROOT)
+  from configs import base, finetune  # pylint: disable=g-import-not-at-top
+  assert finetune.get_config('quick').finetune.epochs < finetune.get_config('quick=False').finetune.epochs
+  assert finetune.get_config('quick=False').finetune.epochs == finetune.get_config().finetune.epochs
+  assert base.parse_arg('n=3,name=x', n=1, name='').to_dict() == {'n': 3, 'name': 'x'}
+  with pytest.raises(ValueError, match='not a valid int'):
+    base.parse_arg('n=three', n=1)
