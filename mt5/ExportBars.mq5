@@ -8,6 +8,11 @@
 //| volume = tick volume (or real volume, see the input),            |
 //| spread = the bar's spread in PRICE units (points * point size).  |
 //| Oldest bar first; the still-forming bar is left out by default.  |
+//| Times stay in server time (a fixed UTC offset cannot convert a   |
+//| history that crosses DST changes): load them with data.tz, e.g.  |
+//| --config.data.tz=EET for a UTC+2 winter / UTC+3 summer server.   |
+//| Prices are written with the symbol's digits, so Natron infers    |
+//| the point (or pass --config.data.point=<SYMBOL_POINT>).          |
 //+------------------------------------------------------------------+
 #property copyright   "Natron"
 #property version     "1.00"
@@ -82,5 +87,9 @@ void OnStart()
                                    : TerminalInfoString(TERMINAL_DATA_PATH) + "\\MQL5";
    PrintFormat("ExportBars: wrote %d bars of %s %s (%s .. %s) to %s\\Files\\%s", copied, symbol, TimeframeName(tf),
                IsoTime(rates[0].time), IsoTime(rates[copied - 1].time), folder, name);
+   long offset = (long)MathRound(((long)TimeTradeServer() - (long)TimeGMT()) / 900.0) * 900;
+   PrintFormat("ExportBars: times are server time, now UTC%+.2f h: load with --config.data.tz=<the server's zone, "
+               "e.g. EET for UTC+2/+3 with DST> (point %s, digits %d)", offset / 3600.0,
+               DoubleToString(point, digits), digits);
   }
 //+------------------------------------------------------------------+

@@ -2,9 +2,14 @@
 //| NatronEA.mq5                                                     |
 //| Trades the Natron server's predictions, one request per closed   |
 //| bar, over HTTP (WebRequest). See mt5/README.md.                  |
+//|                                                                  |
+//| Time convention: the server speaks UTC only. Bar times in MT5    |
+//| are broker SERVER time, so the EA subtracts the server's UTC     |
+//| offset before sending and adds it back to the reply's timestamp  |
+//| before comparing it with the bar it asked about.                 |
 //+------------------------------------------------------------------+
 #property copyright   "Natron"
-#property version     "1.00"
+#property version     "1.10"
 #property description "On every newly closed bar: POST the last required_candles bars to Natron's /predict,"
 #property description "check the reply is for that bar, and open/close this EA's own positions (magic number)."
 #property description "Never trades on a timeout, an HTTP error, an unreadable reply or a stale bar time."
@@ -173,10 +178,30 @@ int FetchRequiredCandles()
   }
 
 //+------------------------------------------------------------------+
-//| Request body: {"candles":[{"time":unix_s,"open":..,...},...]}    |
-//| oldest first; time = bar open time in seconds (MT5 server time). |
+//| Server time -> UTC. TimeTradeServer() is the trade server's      |
+//| clock, TimeGMT() UTC from the computer's clock and time zone;    |
+//| their difference, rounded to 15 minutes (every UTC offset is a   |
+//| multiple of 15 min), is the server's offset NOW (daylight saving |
+//| included); the rounding absorbs a PC clock up to 7 min off.      |
+//| Bars older than the server's last DST change get the current     |
+//| offset too, one hour off: the model sees no clock, so only their |
+//| order (kept) and the last bar's time (exact) matter.             |
+//| In the Strategy Tester TimeGMT() equals the simulated server     |
+//| time, so the offset would be 0; the EA does not run there        |
+//| (WebRequest is not available in the tester).                     |
 //+------------------------------------------------------------------+
-string CandlesJson(const MqlRates &rates[], const int count)
+long ServerUtcOffset()
+  {
+   long diff = (long)TimeTradeServer() - (long)TimeGMT();   // as long: a server west of UTC is negative
+   return (long)MathRound(diff / 900.0) * 900;
+  }
+
+//+------------------------------------------------------------------+
+//| Request body: {"candles":[{"time":unix_s,"open":..,...},...]}    |
+//| oldest first; time = bar open time in unix seconds, UTC (server  |
+//| time minus `offset`, see ServerUtcOffset).                       |
+//+------------------------------------------------------------------+
+string CandlesJson(const MqlRates &rates[], const int count, const long offset)
   {
    string json = "{\"candles\":[";
    for(int i = 0; i < count; i++)
@@ -184,7 +209,7 @@ string CandlesJson(const MqlRates &rates[], const int count)
       long volume = InpUseRealVolume ? rates[i].real_volume : rates[i].tick_volume;
       if(i > 0)
          StringAdd(json, ",");
-      StringAdd(json, "{\"time\":" + IntegerToString((long)rates[i].time) +
+      StringAdd(json, "{\"time\":" + IntegerToString((long)rates[i].time - offset) +
                 ",\"open\":" + DoubleToString(rates[i].open, _Digits) +
                 ",\"high\":" + DoubleToString(rates[i].high, _Digits) +
                 ",\"low\":" + DoubleToString(rates[i].low, _Digits) +
@@ -326,9 +351,10 @@ void OnClosedBar(const datetime forming_bar_open)
                   GetLastError());
       return;
      }
-   datetime closed_bar = rates[copied - 1].time;
+   datetime closed_bar = rates[copied - 1].time;            // server time
+   long offset = ServerUtcOffset();                         // one offset per request, used both ways
    string reply;
-   int status = HttpRequest("POST", InpUrl, CandlesJson(rates, copied), reply);
+   int status = HttpRequest("POST", InpUrl, CandlesJson(rates, copied, offset), reply);
    if(status == -1)
       return;                                            // timeout / no connection: no trade on this bar
    if(status != 200)
@@ -345,10 +371,10 @@ void OnClosedBar(const datetime forming_bar_open)
       Print("Natron: unreadable reply, not trading: ", StringSubstr(reply, 0, 400));
       return;
      }
-   if((datetime)stamp != closed_bar)
+   if((datetime)(stamp + offset) != closed_bar)              // the reply is UTC: back to server time
      {
-      PrintFormat("Natron: stale reply (for %s, expected %s); not trading", TimeToString((datetime)stamp),
-                  TimeToString(closed_bar));
+      PrintFormat("Natron: stale reply (for %s server time, expected %s; server UTC offset %I64d s); not trading",
+                  TimeToString((datetime)(stamp + offset)), TimeToString(closed_bar), offset);
       return;
      }
    if(iTime(_Symbol, _Period, 0) != forming_bar_open)
@@ -387,8 +413,8 @@ int OnInit()
      }
    // Act only on bars that close after the EA started, not on the one already closed at attach time.
    g_bar_open = iTime(_Symbol, _Period, 0);
-   PrintFormat("Natron: %s %s, %d candles per request to %s, threshold %.2f, magic %I64d", _Symbol,
-               EnumToString(_Period), g_required, InpUrl, InpThreshold, InpMagic);
+   PrintFormat("Natron: %s %s, %d candles per request to %s, threshold %.2f, magic %I64d, server time = UTC%+I64d s",
+               _Symbol, EnumToString(_Period), g_required, InpUrl, InpThreshold, InpMagic, ServerUtcOffset());
    return INIT_SUCCEEDED;
   }
 

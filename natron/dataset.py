@@ -694,8 +694,10 @@ def synthetic_true_regime(frame: pd.DataFrame, data_config) -> np.ndarray | None
       sym_seed = (seed, int(sym[5:]))
     else:
       return None
-    gen, true = data_lib.synthetic_market(stop - start, seed=sym_seed,
-                                          timeframe=str(data_config.get('timeframe', '15min')))
+    point = (frame.attrs.get('points') or {}).get(sym, data_lib.synthetic.DEFAULT_POINT)
+    gen, true = data_lib.synthetic_market(
+        stop - start, seed=sym_seed, timeframe=str(data_config.get('timeframe', '15min')), point=point,
+        preset=str(data_config.get('synthetic_preset', 'learnable') or 'learnable'))
     if not np.array_equal(gen['close'].to_numpy(), frame['close'].to_numpy()[start:stop]):
       return None
     regimes.append(true)

@@ -1,11 +1,12 @@
 """A Python stand-in for mt5/NatronEA.mq5 that talks to the server exactly as the Expert Advisor does.
 
 Same request (POST /predict, headers Content-Type + optional X-API-Key, body built by the same string
-concatenation: time in unix seconds, prices with `digits` decimals as DoubleToString writes them, volume as
+concatenation: time in unix seconds UTC (the bar's server time minus the server's UTC offset, the EA's
+ServerUtcOffset()), prices with `digits` decimals as DoubleToString writes them, volume as
 an integer), same cadence (one request when a new bar opens, for the bars closed before it, never retried
 within a bar), the same string-search JSON extraction (JsonValueStart / JsonGetDouble / JsonGetString), and
 the same refusals: no trade on a timeout or connection error, an HTTP status other than 200, an unreadable
-reply, a reply whose `timestamp` is not the last closed bar's time (stale), or a new bar having opened while
+reply, a reply whose `timestamp` (UTC) plus the offset is not the last closed bar's server time (stale), or a new bar having opened while
 waiting. The decision rule is the EA's: BUY iff buy_prob >= threshold and buy_prob > sell_prob, SELL
 mirrored, else HOLD.
 
@@ -93,7 +94,7 @@ class EAClient:
   """NatronEA.mq5's request/decision logic (positions are not simulated; the decision is returned)."""
 
   def __init__(self, url: str, *, api_key: str = '', timeout_ms: int = 2000, threshold: float = 0.6,
-               required_candles: int = 0, digits: int = 5,
+               required_candles: int = 0, digits: int = 5, server_offset_s: int = 0,
                transport: Optional[httpx.BaseTransport] = None,
                forming_bar_now: Optional[Callable[[], int]] = None):
     self.url = url
@@ -102,6 +103,7 @@ class EAClient:
     self.threshold = threshold
     self.required = required_candles
     self.digits = digits
+    self.server_offset_s = server_offset_s   # TimeTradeServer() - TimeGMT(), rounded to 15 minutes
     self.bar_open = 0
     self.client = httpx.Client(timeout=timeout_ms / 1000.0, transport=transport)
     self._forming_bar_now = forming_bar_now   # iTime(_Symbol, _Period, 0) after the request returns
@@ -136,14 +138,14 @@ class EAClient:
     self.bar_open = _unix(bars['time'].iloc[-1])
     return True
 
-  def candles_json(self, closed: pd.DataFrame) -> str:
-    """CandlesJson(): the body the EA sends, built the same way."""
+  def candles_json(self, closed: pd.DataFrame, offset: int = 0) -> str:
+    """CandlesJson(): the body the EA sends, built the same way (times converted to UTC with `offset`)."""
     d = self.digits
     parts = [
         '{"time":' + str(t) + ',"open":' + _double_to_string(o, d) + ',"high":' + _double_to_string(h, d) +
         ',"low":' + _double_to_string(l, d) + ',"close":' + _double_to_string(c, d) + ',"volume":' +
         str(int(v)) + '}'
-        for t, o, h, l, c, v in zip(_unix_array(closed['time']), closed['open'], closed['high'], closed['low'],
+        for t, o, h, l, c, v in zip([u - offset for u in _unix_array(closed['time'])], closed['open'], closed['high'], closed['low'],
                                      closed['close'], closed['volume'])]
     return '{"candles":[' + ','.join(parts) + ']}'
 
@@ -161,7 +163,8 @@ class EAClient:
     if len(closed) < self.required:
       return Decision(closed_bar, 'REFUSED', f'only {len(closed)} of {self.required} closed bars')
     rates = closed.iloc[-self.required:]
-    body = self.candles_json(rates)
+    offset = self.server_offset_s          # one offset per request, used both ways
+    body = self.candles_json(rates, offset)
     status, reply = self.http('POST', self.url, body)
     if status == -1:
       return Decision(closed_bar, 'REFUSED', 'no reply (timeout or connection error)', body=body)
@@ -173,7 +176,7 @@ class EAClient:
     signal = json_get_string(reply, 'signal')
     if stamp is None or buy is None or sell is None or signal is None:
       return Decision(closed_bar, 'REFUSED', 'unreadable reply', body=body)
-    if int(round(stamp)) != closed_bar:
+    if int(round(stamp)) + offset != closed_bar:
       return Decision(closed_bar, 'REFUSED', f'stale reply for {int(stamp)}', buy, sell, signal, body)
     if self._forming_bar_now is not None and self._forming_bar_now() != forming:
       return Decision(closed_bar, 'REFUSED', 'a new bar opened while waiting', buy, sell, signal, body)

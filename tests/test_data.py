@@ -1,6 +1,13 @@
-"""natron.data: loaders (CSV, MetaTrader 5, Parquet, frames), validation rules, repair, market assembly and
-the synthetic market's guarantees (determinism, OHLC realism, calendar, learnable structure)."""
+"""natron.data: loaders (CSV, MetaTrader 5, Parquet, frames), quote grids and spreads in points, broker clocks,
+the one candle-rule function and time parser, repair, market assembly, and the synthetic market's guarantees
+(determinism, quote grid, OHLC realism, calendar, learnable and realistic structure).
+
+Test data are generated here and look like broker feeds: prices on real quote grids (5-digit FX at ~1.1,
+3-digit JPY at ~150, 2-digit stocks) with ties and flat bars, integer tick volumes, spreads in whole points,
+broker-time stamps and weekend gaps (24x5).
+"""
 import json
+import logging
 
 import hypothesis
 import ml_collections
@@ -9,9 +16,9 @@ import pandas as pd
 import pytest
 from hypothesis import strategies as st
 
-from natron.data import (REGIMES, DataError, load_market, load_ohlcv, ohlcv_summary, repair_order,
-                         synthetic_market, validate_ohlcv)
-from natron.data import synthetic
+from natron.data import (REGIMES, DataError, Violation, candle_violations, grid, load_market, load_ohlcv,
+                         ohlcv_summary, parse_times, repair_order, synthetic_market, validate_ohlcv)
+from natron.data import rules, synthetic, times
 from natron.errors import UserError
 
 MT5_HEADER = '<DATE>\t<TIME>\t<OPEN>\t<HIGH>\t<LOW>\t<CLOSE>\t<TICKVOL>\t<VOL>\t<SPREAD>\n'
@@ -57,18 +64,62 @@ def _rounded(frame):
   return out
 
 
+def _grid_bars(n, *, level, point, seed, start='2024-03-18 00:00', step='1h', calendar='24x5'):
+  """Bars built in integer points, as a broker's feed holds them.
+
+  Closes move by a few points per bar (often 0: equal closes), highs and lows stick out by 0..k points
+  (repeated highs and lows), ~3% of the bars are flat (open = high = low = close, 1-3 ticks), tick volumes are
+  integers, spreads whole points. Times are naive wall-clock (broker) times every `step` from `start`: 24x5
+  keeps Monday 00:00 .. Friday's last bar (the weekend gap), 24x7 keeps every bar.
+  Returns a frame with naive `time`, prices (float64 on the grid), volume, spread_points.
+  """
+  rng = np.random.default_rng(seed)
+  stamps = pd.date_range(start, periods=n * 2 + 400, freq=step)
+  if calendar == '24x5':
+    stamps = stamps[stamps.dayofweek < 5]
+  stamps = stamps[:n]
+  flat = rng.random(n) < 0.03
+  move = np.where(flat, 0, rng.integers(-6, 7, n) * rng.integers(0, 4, n))
+  close = round(level / point) + np.cumsum(move)
+  open_ = np.concatenate([[close[0]], close[:-1]])
+  open_[flat] = close[flat]
+  high = np.maximum(open_, close) + np.where(flat, 0, rng.geometric(0.3, n) - 1)
+  low = np.minimum(open_, close) - np.where(flat, 0, rng.geometric(0.3, n) - 1)
+  inverse = round(1 / point)
+  to_price = lambda ticks: ticks / inverse   # the double nearest the decimal quote, as a parser reads it
+  return pd.DataFrame({'time': stamps, 'open': to_price(open_), 'high': to_price(high), 'low': to_price(low),
+                       'close': to_price(close),
+                       'volume': np.where(flat, rng.integers(1, 4, n), rng.integers(20, 900, n)).astype(float),
+                       'spread_points': rng.integers(2, 25, n).astype(float)})
+
+
+def _write_mt5(path, bars, digits, real_volume=None):
+  """An MT5 "Export bars" file of `bars` (naive broker times, <SPREAD> in points)."""
+  real = np.zeros(len(bars), np.int64) if real_volume is None else real_volume
+  lines = [MT5_HEADER]
+  for i, row in enumerate(bars.itertuples(index=False)):
+    lines.append(f"{row.time:%Y.%m.%d}\t{row.time:%H:%M:%S}\t{row.open:.{digits}f}\t{row.high:.{digits}f}\t"
+                 f"{row.low:.{digits}f}\t{row.close:.{digits}f}\t{int(row.volume)}\t{real[i]}\t"
+                 f"{int(row.spread_points)}\n")
+  path.write_text(''.join(lines))
+  return path
+
+
 # --------------------------------------------------------------------------------------------- formats
 
 def test_csv_round_trip_keeps_values_types_and_spread(tmp_path, small):
   frame, _ = small
   loaded = load_ohlcv(_csv(tmp_path, frame))
-  assert list(loaded.columns) == ['time', 'open', 'high', 'low', 'close', 'volume', 'spread']
+  assert list(loaded.columns) == ['time', 'open', 'high', 'low', 'close', 'volume', 'spread', 'spread_points']
   assert str(loaded['time'].dtype) == 'datetime64[ns, UTC]'
   assert all(loaded[c].dtype == np.float64 for c in ('open', 'high', 'low', 'close', 'volume', 'spread'))
   assert (loaded['time'] == frame['time']).all()
-  np.testing.assert_allclose(loaded[['open', 'high', 'low', 'close', 'spread']], frame[
-      ['open', 'high', 'low', 'close', 'spread']], rtol=1e-15)
+  # Grid prices are the doubles nearest their decimal text, so the CSV round trip is exact.
+  np.testing.assert_array_equal(loaded[['open', 'high', 'low', 'close', 'spread', 'volume']], frame[
+      ['open', 'high', 'low', 'close', 'spread', 'volume']])
   assert loaded.attrs['volume_source'] == 'volume'
+  assert loaded.attrs['point'] == 1e-5 and loaded.attrs['point_source'] == 'inferred from quote decimals'
+  assert loaded.attrs['spread_source'] == 'file, price units' and loaded.attrs['tz'] is None
 
 
 def test_seed_csv_without_spread_and_with_aliases(tmp_path):
@@ -82,25 +133,33 @@ def test_seed_csv_without_spread_and_with_aliases(tmp_path):
   assert loaded['time'].iloc[1] == pd.Timestamp('2023-01-01 00:15', tz='UTC')
   assert loaded['volume'].tolist() == [10000.0, 12000.0]
   assert loaded.attrs['ignored_columns'] == ['comment']
+  assert loaded.attrs['spread_source'] is None and loaded.attrs['point'] == 1e-4   # coarsest grid that fits
 
 
-def test_mt5_export_uses_tick_volume_when_real_volume_is_zero(tmp_path, small):
+def test_mt5_export_uses_tick_volume_when_real_volume_is_zero(tmp_path, small, caplog):
   frame = _rounded(small[0].head(50))
-  loaded = load_ohlcv(_mt5(tmp_path, frame))
-  assert loaded.attrs['volume_source'] == 'tick_volume'
+  with caplog.at_level(logging.INFO):
+    loaded = load_ohlcv(_mt5(tmp_path, frame))
+  # The fallback is explicit: recorded and logged as a warning.
+  assert loaded.attrs['volume_source'] == 'tick_volume (fallback: real volume is all zero)'
+  assert any(r.levelno == logging.WARNING and 'real volume is all zero' in r.getMessage() for r in caplog.records)
   np.testing.assert_array_equal(loaded['volume'], frame['volume'])
   np.testing.assert_array_equal(loaded['close'], frame['close'])
   assert (loaded['time'] == frame['time']).all()
-  # Points are kept raw; without a point size there is no price-unit spread to guess.
-  assert 'spread' not in loaded
+  # Points are kept raw and converted with the point inferred from the 5-decimal quotes (said in the log).
   np.testing.assert_array_equal(loaded['spread_points'], np.arange(50) % 7 + 3)
+  np.testing.assert_allclose(loaded['spread'], (np.arange(50) % 7 + 3) * 1e-5, rtol=1e-15)
+  assert loaded.attrs['point'] == 1e-5 and loaded.attrs['point_source'] == 'inferred from quote decimals'
+  assert loaded.attrs['spread_source'] == 'file, points x point'
+  summary = [r.getMessage() for r in caplog.records if 'point 1e-05' in r.getMessage()]
+  assert summary and 'inferred from quote decimals' in summary[0] and 'times taken as UTC' in summary[0]
 
 
 def test_mt5_export_prefers_real_volume_and_converts_spread_with_point(tmp_path, small):
   frame = _rounded(small[0].head(30))
   real = np.arange(30) + 100
   loaded = load_ohlcv(_mt5(tmp_path, frame, real_volume=real), point=1e-5)
-  assert loaded.attrs['volume_source'] == 'real_volume'
+  assert loaded.attrs['volume_source'] == 'real_volume' and loaded.attrs['point_source'] == 'config'
   np.testing.assert_array_equal(loaded['volume'], real)
   np.testing.assert_allclose(loaded['spread'], (np.arange(30) % 7 + 3) * 1e-5)
 
@@ -122,7 +181,7 @@ def test_mt5_python_api_frame_epoch_seconds(small):
                         'real_volume': 0})
   loaded = load_ohlcv(rates, point=1e-5)
   assert (loaded['time'] == frame['time']).all()
-  assert loaded.attrs['volume_source'] == 'tick_volume'
+  assert loaded.attrs['volume_source'] == 'tick_volume (fallback: real volume is all zero)'
   np.testing.assert_allclose(loaded['spread'], 12e-5)
 
 
@@ -174,8 +233,13 @@ def test_frame_input_is_not_modified_and_offsets_become_utc(small):
 
 
 def test_point_without_mt5_spread_and_bad_inputs_are_user_errors(tmp_path, small):
-  with pytest.raises(DataError, match='no MetaTrader spread'):
-    load_ohlcv(small[0].head(5), point=1e-5)
+  plain = small[0].head(5).drop(columns=['spread', 'spread_points'])
+  loaded = load_ohlcv(plain, point='1e-5')          # a point is the quote grid too, spread or not
+  assert loaded.attrs['point'] == 1e-5 and loaded.attrs['spread_source'] is None
+  with pytest.raises(DataError, match='positive price increment'):
+    load_ohlcv(plain, point=-1)
+  with pytest.raises(DataError, match='not a time zone'):
+    load_ohlcv(plain, tz='Mars/Olympus')
   with pytest.raises(DataError, match='no such file'):
     load_ohlcv(tmp_path / 'missing.csv')
   empty = tmp_path / 'empty.csv'
@@ -185,6 +249,250 @@ def test_point_without_mt5_spread_and_bad_inputs_are_user_errors(tmp_path, small
   with pytest.raises(DataError, match='expected a path or a pandas DataFrame'):
     load_ohlcv(42)
   assert issubclass(DataError, UserError) and issubclass(DataError, ValueError)
+
+
+# ------------------------------------------------------------------------------- quote grids and costs
+
+@pytest.mark.parametrize('level, point, digits', [(1.1, 1e-5, 5), (150.0, 1e-3, 3), (52.0, 0.01, 2),
+                                                   (3000.0, 0.01, 2)])
+def test_mt5_spread_points_become_price_units_with_the_inferred_point(tmp_path, level, point, digits):
+  bars = _grid_bars(300, level=level, point=point, seed=digits)
+  loaded = load_ohlcv(_write_mt5(tmp_path / 'X.csv', bars, digits))
+  assert loaded.attrs['point'] == point and loaded.attrs['point_source'] == 'inferred from quote decimals'
+  assert loaded.attrs['spread_source'] == 'file, points x point'
+  # points x point in float64: within one rounding (2**-53 relative) of the exact decimal spread.
+  np.testing.assert_allclose(loaded['spread'], bars['spread_points'] * point, rtol=2**-52)
+  np.testing.assert_array_equal(loaded[['open', 'high', 'low', 'close']], bars[['open', 'high', 'low', 'close']])
+  assert not grid.off_grid(loaded[['open', 'high', 'low', 'close']].to_numpy(), point).any()
+  # The data really has ties and flat bars (what the grid must preserve).
+  assert (loaded['high'] == loaded['low']).any() and (loaded['high'].diff() == 0).any()
+  # A given point wins (and is said to be the config's).
+  given = load_ohlcv(_write_mt5(tmp_path / 'Y.csv', bars, digits), point=str(point))
+  assert given.attrs['point_source'] == 'config'
+  np.testing.assert_array_equal(given['spread'], loaded['spread'])
+
+
+def test_prices_off_the_given_grid_name_rows_and_the_fix(tmp_path):
+  bars = _grid_bars(120, level=1.1, point=1e-5, seed=1)
+  path = _write_mt5(tmp_path / 'EURUSD.csv', bars, 5)
+  coarse_ok = ~grid.off_grid(bars[['open', 'high', 'low', 'close']].to_numpy(), 1e-4).any(axis=1)
+  with pytest.raises(DataError) as info:
+    load_ohlcv(path, point=1e-4)                     # a 4-digit point for 5-digit quotes
+  message = str(info.value)
+  rows = dict(info.value.violations)[rules.ON_GRID]
+  np.testing.assert_array_equal(rows, np.flatnonzero(~coarse_ok))
+  assert f'row {rows[0]} (line {rows[0] + 2})' in message and 'set data.point' in message
+
+
+def test_prices_on_no_decimal_grid_say_to_set_data_point(small):
+  frame = small[0].head(30).drop(columns=['spread', 'spread_points'])
+  continuous = frame.assign(open=frame['open'] * (1 + 1e-9 * np.pi), high=frame['high'] * (1 + 2e-9 * np.pi))
+  with pytest.raises(DataError, match='cannot infer the quote grid.*set data.point'):
+    load_ohlcv(continuous)
+
+
+def test_two_spread_columns_must_agree(small):
+  frame = small[0].head(30).copy()
+  frame.loc[6, 'spread'] = frame.loc[6, 'spread'] * 2
+  with pytest.raises(DataError, match=r"spread must equal spread_points x point.*row 6 "):
+    load_ohlcv(frame)
+
+
+def test_all_zero_volume_is_an_error_or_a_reported_fallback(tmp_path, small, caplog):
+  frame = small[0].head(40).drop(columns=['spread_points'])
+  with pytest.raises(DataError, match='volume is 0 in every row.*tick volume'):
+    load_ohlcv(frame.assign(volume=0.0))
+  with caplog.at_level(logging.WARNING):
+    loaded = load_ohlcv(frame.assign(tick_volume=frame['volume'], volume=0.0))
+  assert loaded.attrs['volume_source'] == 'tick_volume (fallback: volume is all zero)'
+  np.testing.assert_array_equal(loaded['volume'], frame['volume'])
+  assert any('volume is all zero' in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+  bars = _grid_bars(50, level=1.1, point=1e-5, seed=2).assign(volume=0.0)
+  with pytest.raises(DataError, match='volume is 0 in every row'):
+    load_ohlcv(_write_mt5(tmp_path / 'FX.csv', bars, 5))    # tick and real volume both zero
+  # Some zero-volume bars are fine (quiet bars); only an all-zero column is refused.
+  partly = frame.assign(volume=np.where(np.arange(40) % 3 == 0, 0.0, frame['volume']))
+  assert load_ohlcv(partly).attrs['volume_source'] == 'volume'
+
+
+def test_load_market_points_per_symbol_spread_sources_and_order(tmp_path):
+  eur = _write_mt5(tmp_path / 'EURUSD.csv', _grid_bars(200, level=1.1, point=1e-5, seed=3), 5)
+  jpy = _write_mt5(tmp_path / 'USDJPY.csv', _grid_bars(150, level=150.0, point=1e-3, seed=4,
+                                                       start='2024-03-20 00:00'), 3)
+  stock = tmp_path / 'ACME.csv'
+  bars = _grid_bars(100, level=52.0, point=0.01, seed=5)
+  bars.drop(columns='spread_points').to_csv(stock, index=False, date_format='%Y-%m-%d %H:%M:%S')
+  market = load_market(_data_config(path=f'{eur},{jpy},{stock}', point='EURUSD=1e-5', tz='EET'))
+  assert list(market['symbol'].unique()) == ['ACME', 'EURUSD', 'USDJPY']
+  assert market.equals(market.sort_values(['symbol', 'time'], kind='stable').reset_index(drop=True))
+  assert market.attrs['points'] == {'ACME': 0.01, 'EURUSD': 1e-5, 'USDJPY': 1e-3}
+  assert market.attrs['point_sources'] == {'ACME': 'inferred from quote decimals', 'EURUSD': 'config',
+                                           'USDJPY': 'inferred from quote decimals'}
+  assert market.attrs['spread_sources'] == {'ACME': None, 'EURUSD': 'file, points x point',
+                                            'USDJPY': 'file, points x point'}
+  assert market.attrs['tz'] == 'EET' and 'EET' in market.attrs['time_note']
+  jpy_rows = market[market['symbol'] == 'USDJPY']
+  np.testing.assert_allclose(jpy_rows['spread'], jpy_rows['spread_points'] * 1e-3, rtol=2**-52)
+  with pytest.raises(UserError, match=r"symbol\(s\) \['GBPUSD'\]"):
+    load_market(_data_config(path=f'{eur},{jpy}', point='GBPUSD=1e-5'))
+
+
+# ------------------------------------------------------------------------------------------ broker clocks
+
+def test_broker_time_export_across_the_spring_dst_change(tmp_path, caplog):
+  """An EET server (UTC+2 winter, UTC+3 summer) exporting 24x5 H1 bars over 2024-03-31 (EU change)."""
+  bars = _grid_bars(24 * 5 * 3, level=1.1, point=1e-5, seed=6)       # Mon 2024-03-18 .. Fri 2024-04-05
+  path = _write_mt5(tmp_path / 'EURUSD_H1.csv', bars, 5)
+  loaded = load_ohlcv(path, tz='EET')
+  utc = pd.DatetimeIndex(loaded['time'])
+  by_naive = dict(zip(bars['time'], utc))
+  assert by_naive[pd.Timestamp('2024-03-29 10:00')] == pd.Timestamp('2024-03-29 08:00', tz='UTC')   # +2
+  assert by_naive[pd.Timestamp('2024-04-01 10:00')] == pd.Timestamp('2024-04-01 07:00', tz='UTC')   # +3
+  # The FX week opens Monday 00:00 server time: Sunday 22:00 UTC in winter, 21:00 UTC in summer.
+  assert by_naive[pd.Timestamp('2024-03-25 00:00')] == pd.Timestamp('2024-03-24 22:00', tz='UTC')
+  assert by_naive[pd.Timestamp('2024-04-01 00:00')] == pd.Timestamp('2024-03-31 21:00', tz='UTC')
+  gaps = utc.to_series().diff().value_counts()
+  assert set(gaps.index) == {pd.Timedelta('1h'), pd.Timedelta('49h'), pd.Timedelta('48h')}   # DST weekend
+  assert loaded.attrs['tz'] == 'EET'
+  fixed = load_ohlcv(path, tz='+02:00')             # a fixed offset: no DST, a constant shift
+  assert (fixed['time'] == bars['time'].dt.tz_localize('UTC') - pd.Timedelta('2h')).all()
+  iana_fixed = load_ohlcv(path, tz='Etc/GMT-2')      # IANA's inverted sign: UTC+2
+  assert (iana_fixed['time'] == fixed['time']).all()
+  with caplog.at_level(logging.INFO):
+    naive = load_ohlcv(path)
+  assert (naive['time'] == bars['time'].dt.tz_localize('UTC')).all() and naive.attrs['tz'] is None
+  assert any('times taken as UTC (set data.tz for broker server time)' in r.getMessage()
+             for r in caplog.records)
+
+
+def test_the_repeated_autumn_hour_is_read_from_the_order():
+  """24x7 hourly bars (crypto) in EET over 2024-10-27, when 03:00-03:59 happens twice."""
+  naive = pd.date_range('2024-10-26 20:00', '2024-10-27 08:00', freq='1h')
+  naive = naive.insert(int(np.flatnonzero(naive == pd.Timestamp('2024-10-27 03:00'))[0]) + 1,
+                       pd.Timestamp('2024-10-27 03:00'))      # the clock went back: 03:00 again
+  bars = _grid_bars(len(naive), level=60000.0, point=0.01, seed=7, calendar='24x7').assign(time=naive)
+  loaded = load_ohlcv(bars, tz='EET')
+  utc = pd.DatetimeIndex(loaded['time'])
+  assert utc[0] == pd.Timestamp('2024-10-26 17:00', tz='UTC')
+  assert (np.diff(utc.asi8) == 3600 * 10**9).all()           # one hour apart, no duplicate, no hole
+
+
+def test_dst_times_the_zone_cannot_place_are_errors_naming_rows():
+  spring = pd.DatetimeIndex(['2024-03-31 01:00', '2024-03-31 02:00', '2024-03-31 03:00', '2024-03-31 04:00'])
+  bars = _grid_bars(4, level=1.1, point=1e-5, seed=8, calendar='24x7').assign(time=spring)
+  with pytest.raises(DataError, match=r'(?s)skips at the daylight-saving change.*check data.tz.*row 2 '):
+    load_ohlcv(bars, tz='EET')                   # 03:00 does not exist in EET that night
+  autumn = pd.DatetimeIndex(['2024-10-27 02:00', '2024-10-27 03:30', '2024-10-27 04:00'])
+  once = _grid_bars(3, level=1.1, point=1e-5, seed=9, calendar='24x7').assign(time=autumn)
+  with pytest.raises(DataError, match=r"(?s)shows twice.*fixed offset such as '\+02:00'.*row 1 "):
+    load_ohlcv(once, tz='EET')                   # 03:30 once: summer or winter time? The order cannot tell.
+  assert load_ohlcv(once, tz='+03:00')['time'].is_monotonic_increasing   # the fix the message names
+
+
+# ------------------------------------------------------------------- the one rule function and time parser
+
+def _arrays(bars):
+  return [bars[c].to_numpy() for c in ('open', 'high', 'low', 'close', 'volume')]
+
+
+def test_candle_violations_names_each_rule_row_and_field():
+  bars = _grid_bars(30, level=1.1, point=1e-5, seed=10)
+  t = bars['time'].dt.tz_localize('UTC').astype('int64').to_numpy()
+  spread = bars['spread_points'].to_numpy() * 1e-5
+  assert candle_violations(t, *_arrays(bars), spread=spread, point=1e-5) == []
+  cases = [('open', np.nan, 'not_finite', 'open must be finite (not NaN/inf/missing)', 'open'),
+           ('volume', np.inf, 'not_finite', 'volume must be finite (not NaN/inf/missing)', 'volume'),
+           ('low', 0.0, 'price_positive', 'prices must be > 0', None),
+           ('high', 0.5, 'high_low', 'high >= max(open, close)', 'high'),
+           ('low', 5.0, 'high_low', 'low <= min(open, close)', 'low'),
+           ('volume', -1.0, 'volume_negative', 'volume >= 0', 'volume')]
+  for column, value, rule, text, field in cases:
+    broken = bars.copy()
+    broken.loc[7, column] = value
+    found = candle_violations(t, *_arrays(broken))
+    assert [(v.rule, v.text, v.rows.tolist(), v.field) for v in found] == [(rule, text, [7], field)], column
+  negative = spread.copy()
+  negative[4] = -1e-5
+  found = candle_violations(None, *_arrays(bars), spread=negative)
+  assert [(type(v), v.rule, v.text, v.rows.tolist()) for v in found] == [
+      (Violation, 'spread_negative', 'spread >= 0', [4])]
+  off = bars.copy()
+  off.loc[11, 'close'] += 4e-6                    # 0.4 point off the grid
+  off.loc[11, 'high'] = max(off.loc[11, 'high'], off.loc[11, 'close'])
+  assert [(v.rule, v.rows.tolist()) for v in candle_violations(None, *_arrays(off), point=1e-5)] == [
+      ('off_grid', [11])]
+  repeat, back = t.copy(), t.copy()
+  repeat[5] = repeat[4]
+  back[9] = back[2]
+  assert [(v.text, v.rows.tolist()) for v in candle_violations(repeat, *_arrays(bars))] == [
+      (rules.TIME_REPEAT, [5])]
+  assert [(v.text, v.rows.tolist()) for v in candle_violations(back, *_arrays(bars))] == [
+      (rules.TIME_DECREASE, [9])]
+  # float32 prices (a client's) are judged on float32's own grid tolerance: on the grid they pass.
+  as32 = [a.astype(np.float32) for a in _arrays(bars)]
+  assert candle_violations(None, *as32, point=1e-5) == []
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(st.lists(st.tuples(st.integers(-2, 6), st.integers(-2, 6), st.integers(-2, 6),
+                                     st.integers(-2, 6), st.integers(-1, 3), st.integers(0, 4),
+                                     st.booleans()), min_size=1, max_size=25))
+def test_candle_violations_equals_a_row_by_row_reading_of_the_rules(rows):
+  """Against a plain per-row transcription of the rules, on integer-point prices (ties everywhere)."""
+  o, h, l, c, v, minute, nan = (np.array(x) for x in zip(*rows))
+  o = np.where(nan, np.nan, o * 0.25)
+  h, l, c, v = h * 0.25, l * 0.25, c * 0.25, v.astype(float)
+  t = minute.astype(np.int64) * 60 * 10**9
+  expected = {}
+  for i in range(len(rows)):   # a comparison rule is judged where its values are finite
+    if not np.isfinite(o[i]):
+      expected.setdefault('open must be finite (not NaN/inf/missing)', []).append(i)
+    if any(x <= 0 for x in (o[i], h[i], l[i], c[i])):
+      expected.setdefault(rules.PRICE_POSITIVE, []).append(i)
+    if np.isfinite(o[i]) and h[i] < max(o[i], c[i]):
+      expected.setdefault(rules.HIGH, []).append(i)
+    if np.isfinite(o[i]) and l[i] > min(o[i], c[i]):
+      expected.setdefault(rules.LOW, []).append(i)
+    if v[i] < 0:
+      expected.setdefault(rules.VOLUME, []).append(i)
+  for i in range(1, len(rows)):
+    if t[i] == t[i - 1]:
+      expected.setdefault(rules.TIME_REPEAT, []).append(i)
+    if t[i] < t[i - 1]:
+      expected.setdefault(rules.TIME_DECREASE, []).append(i)
+  found = {x.text: sorted(x.rows.tolist()) for x in candle_violations(t, o, h, l, c, v)}
+  assert found == {k: sorted(r) for k, r in expected.items()}
+  assert all(rules.RULES.get(x.text, 'not_finite') == x.rule for x in candle_violations(t, o, h, l, c, v))
+
+
+def test_parse_times_accepts_the_documented_forms_and_nothing_else():
+  instant = pd.Timestamp('2024-01-02 15:00', tz='UTC').value
+  same = ['2024-01-02 15:00:00', '2024.01.02 15:00:00', '2024-01-02T15:00:00', '2024-01-02T15:00:00Z',
+          '2024-01-02 17:00:00+02:00', '2024-01-02T10:00:00-0500', '2024.01.02 15:00', '1704207600',
+          ' 2024-01-02 15:00:00.000 ']
+  parsed = parse_times(np.array(same, dtype=object))
+  assert not parsed.bad.any() and (parsed.ns == instant).all()
+  assert (parse_times(np.array([1704207600, 1704207600.0])).ns == instant).all()
+  bad = ['now', 'today', '2024/01/02 15:00', '02.01.2024 15:00', '20240102', '2024-13-02', '2024-02-30',
+         '2024-01-02 15:00:00 EET', '']
+  assert parse_times(np.array(bad, dtype=object)).bad.all()
+  millis = parse_times(np.array([1_704_207_600_000]))
+  assert millis.bad.all() and 'milliseconds' in millis.reason
+  assert parse_times(np.array([None, True, 3.5e10], dtype=object)).bad.all()
+  # Naive times are in tz (DST by date); times with an offset ignore it.
+  eet = parse_times(np.array(['2024-01-02 17:00:00', '2024-07-02 18:00:00', '2024-01-02T15:00:00Z'],
+                             dtype=object), tz='EET')
+  assert eet.ns.tolist() == [instant, pd.Timestamp('2024-07-02 15:00', tz='UTC').value, instant]
+
+
+def test_ingestion_reads_every_time_form_the_server_reads(small):
+  frame = small[0].head(6)
+  forms = {'dotted': frame['time'].dt.strftime('%Y.%m.%d %H:%M:%S'),
+           'iso_z': frame['time'].dt.strftime('%Y-%m-%dT%H:%M:%SZ'),
+           'offset': frame['time'].dt.tz_convert('Etc/GMT-2').dt.strftime('%Y-%m-%d %H:%M:%S+02:00'),
+           'epoch': frame['time'].astype('int64') // 10**9}
+  for name, column in forms.items():
+    assert (load_ohlcv(frame.assign(time=column))['time'] == frame['time']).all(), name
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -322,15 +630,15 @@ def test_repair_counts_on_a_tiny_series():
 def test_repair_property_any_order_and_repeats(minutes):
   """For any sequence of bar times (repeats, any order): the result is strictly increasing, keeps every
   distinct time once, keeps the first row given for each time, and the counts add up."""
-  times = pd.Timestamp('2024-01-01', tz='UTC') + pd.to_timedelta(np.array(minutes) * 15, 'min')
-  frame = pd.DataFrame({'time': times, 'open': 1.0, 'high': 2.0, 'low': 0.5, 'close': 1.0,
-                        'volume': np.arange(len(minutes), dtype=float)})   # volume = input position
+  stamps = pd.Timestamp('2024-01-01', tz='UTC') + pd.to_timedelta(np.array(minutes) * 15, 'min')
+  frame = pd.DataFrame({'time': stamps, 'open': 1.0, 'high': 2.0, 'low': 0.5, 'close': 1.0,
+                        'volume': np.arange(1, len(minutes) + 1, dtype=float)})   # volume = input position + 1
   repaired = load_ohlcv(frame, repair=True)
   report = repaired.attrs['repair_report']
   assert repaired['time'].is_monotonic_increasing and repaired['time'].is_unique
-  assert list(repaired['time']) == sorted(set(times))
+  assert list(repaired['time']) == sorted(set(stamps))
   first_seen = {m: i for i, m in reversed(list(enumerate(minutes)))}
-  assert repaired['volume'].tolist() == [float(first_seen[m]) for m in sorted(first_seen)]
+  assert repaired['volume'].tolist() == [float(first_seen[m] + 1) for m in sorted(first_seen)]
   assert report['rows_in'] - report['rows_out'] == report['duplicates_dropped'] == len(minutes) - len(first_seen)
   assert report['decreasing_steps'] == int(np.count_nonzero(np.diff(minutes) < 0))
   assert report['conflicting_duplicates'] == report['duplicates_dropped']   # volumes differ by construction
@@ -412,12 +720,95 @@ def test_synthetic_is_deterministic_per_seed():
   assert a['open'].iloc[0] == synthetic.START_PRICE
 
 
+@pytest.mark.parametrize('preset', ['learnable', 'realistic'])
+def test_synthetic_presets_are_deterministic_and_prefix_stable(preset):
+  a, ra = synthetic_market(2000, seed=(5, 1), preset=preset)
+  b, rb = synthetic_market(2000, seed=(5, 1), preset=preset)
+  pd.testing.assert_frame_equal(a, b)
+  np.testing.assert_array_equal(ra, rb)
+  longer, _ = synthetic_market(2500, seed=(5, 1), preset=preset)
+  pd.testing.assert_frame_equal(longer.iloc[:2000], a)
+  other = synthetic_market(2000, seed=(5, 1), preset='realistic' if preset == 'learnable' else 'learnable')[0]
+  assert not np.array_equal(other['close'], a['close'])
+
+
+@pytest.mark.parametrize('preset, point', [('learnable', 1e-5), ('realistic', 1e-5), ('learnable', 1e-4)])
+def test_synthetic_market_is_on_a_quote_grid_with_ticks_and_whole_point_spreads(preset, point):
+  frame, _ = synthetic_market(20_000, seed=1, preset=preset, point=point)
+  prices = frame[['open', 'high', 'low', 'close']].to_numpy()
+  assert not grid.off_grid(prices, point).any()
+  assert grid.infer_point(prices) == point
+  o, h, l, c = prices.T
+  assert (h >= np.maximum(o, c)).all() and (l <= np.minimum(o, c)).all()   # rounding kept the OHLC rules
+  np.testing.assert_array_equal(o[1:], c[:-1])
+  volume, points = frame['volume'].to_numpy(), frame['spread_points'].to_numpy()
+  assert (volume == np.round(volume)).all() and volume.min() >= 1               # integer tick counts
+  assert (points == np.round(points)).all() and points.min() >= 1               # whole points
+  # spread = points x point: within one float64 rounding of the exact decimal.
+  np.testing.assert_allclose(frame['spread'], points * point, rtol=2**-52)
+  # Ties and flat bars, as in a real feed: doji bars, flat bars with a few ticks, repeated highs.
+  flat = (h == l)
+  assert (flat & (volume <= 4)).mean() > 0.002      # quiet bars: no move, a few ticks
+  assert (o == c).mean() > 0.005 and (np.diff(h) == 0).mean() > 0.005
+  assert candle_violations(frame['time'].astype('int64').to_numpy(), o, h, l, c, volume,
+                           spread=frame['spread'].to_numpy(), point=point) == []
+
+
+def test_synthetic_bad_preset_or_point_is_a_user_error():
+  with pytest.raises(UserError, match='preset must be one of'):
+    synthetic_market(10, preset='easy')
+  with pytest.raises(UserError, match='point must be'):
+    synthetic_market(10, point=0.5)
+
+
+def test_realistic_preset_is_as_weak_as_a_real_market():
+  """Drift, autocorrelation and direction skill at real-FX magnitudes, with statistical bounds."""
+  frame, regime = synthetic_market(40_000, seed=0, preset='realistic')
+  r = np.diff(np.log(frame['close'].to_numpy()))
+  n = r.size
+  # Per-bar volatility of EURUSD M15 (~3e-4).
+  assert 2e-4 < r.std() < 4e-4
+  # Lag-1 autocorrelation: -0.02 by construction; its standard error is ~1/sqrt(n) = 0.005 (x ~1.3 for the
+  # volatility clustering), so |ac| < 0.045 holds with > 4 standard errors to spare, and it is not the
+  # learnable preset's momentum.
+  ac = np.corrcoef(r[1:], r[:-1])[0, 1]
+  assert abs(ac) < 0.045, ac
+  # Drift: the t-statistic of the mean return is N(~0, 1) for a driftless market; |t| < 4.
+  assert abs(r.mean() / r.std() * np.sqrt(n)) < 4
+  # Direction skill of an oracle that knows the true regime's drift sign: ~51% (Phi(0.02 sigma)); its
+  # standard error on the ~27,000 trending bars is 0.003, so 0.53 is a > 6 SE bound ("a few points at most").
+  drift_sign = np.array(synthetic.PRESETS['realistic'].drift)[regime[1:]]
+  trending = drift_sign != 0
+  hits = (np.sign(r[trending]) == np.sign(drift_sign[trending]))[r[trending] != 0]
+  assert hits.mean() < 0.53, hits.mean()
+  learnable, true = synthetic_market(40_000, seed=0)
+  lr = np.diff(np.log(learnable['close'].to_numpy()))
+  sign = np.sign(synthetic.DRIFT[true[1:]])
+  assert (np.sign(lr[sign != 0]) == sign[sign != 0]).mean() > 0.6     # the demo market stays learnable
+
+
+def test_load_market_passes_preset_and_point_to_the_synthetic_market():
+  market = load_market(_data_config(synthetic_preset='realistic', point='1e-4'))
+  expected, _ = synthetic_market(500, seed=4, preset='realistic', point=1e-4)
+  pd.testing.assert_frame_equal(market.drop(columns='symbol'), expected)
+  assert market.attrs['points'] == {'SYNTH': 1e-4} and market.attrs['point_sources'] == {'SYNTH': 'config'}
+  assert market.attrs['spread_sources'] == {'SYNTH': 'synthetic'}
+  assert market.attrs['synthetic_preset'] == 'realistic'
+  two = load_market(_data_config(synthetic_symbols=2, point='SYNTH1=1e-3'))
+  assert two.attrs['points'] == {'SYNTH0': 1e-5, 'SYNTH1': 1e-3}
+  assert two.attrs['point_sources'] == {'SYNTH0': 'synthetic default', 'SYNTH1': 'config'}
+  assert grid.infer_point(two.loc[two['symbol'] == 'SYNTH1', ['open', 'close']].to_numpy()) == 1e-3
+  with pytest.raises(UserError, match='synthetic_preset must be one of'):
+    load_market(_data_config(synthetic_preset='hard'))
+
+
 def test_synthetic_bars_are_valid_ohlc(market):
   frame, _ = market
   o, h, l, c = (frame[k].to_numpy() for k in ('open', 'high', 'low', 'close'))
   assert (h >= np.maximum(o, c)).all() and (l <= np.minimum(o, c)).all() and (l > 0).all()
   np.testing.assert_array_equal(o[1:], c[:-1])        # open = previous close
-  assert (h > l).mean() > 0.999                        # intrabar paths give real ranges
+  # Intrabar paths give real ranges, except the quiet (flat) bars, ~QUIET_SHARE of them.
+  assert 0 < (h == l).mean() < 3 * synthetic.QUIET_SHARE
   assert (frame['spread'] > 0).all() and (frame['volume'] >= 1).all()
   assert load_ohlcv(frame) is not None                 # passes every ingestion rule
 

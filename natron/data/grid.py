@@ -77,6 +77,7 @@ def infer_point(prices) -> float:
   if top <= 0:
     raise GridError('cannot infer the point size: no positive prices')
   tol_ok = x.dtype != np.float32
+  k = 0
   for k in range(MAX_DECIMALS + 1):
     point = float(10.0**-k)
     if top / point >= MAX_TICKS:
@@ -86,10 +87,9 @@ def infer_point(prices) -> float:
     if not off_grid(finite, point).any():
       return point
   raise GridError(
-      f'prices are not on a decimal quote grid that float32 can hold exactly (tried points 1 .. 1e-{k}; the '
-      f'largest price {top:.10g} must stay below 2**24 points): set data.point (the request field `point` when '
-      f'serving) to the instrument\'s price increment, e.g. 1e-5 for EURUSD, 1e-3 for USDJPY, 0.01 for stocks; '
-      f'data must lie on that grid')
+      f'prices are not on a decimal quote grid that float32 can hold exactly (tried points 1 .. 1e-{max(k - 1, 0)}; the '
+      f'largest price {top:.10g} must stay below 2**24 points): set data.point to the instrument\'s price '
+      f'increment, e.g. 1e-5 for EURUSD, 1e-3 for USDJPY, 0.01 for stocks; data must lie on that grid')
 
 
 def to_ticks(prices, point: float) -> np.ndarray:

@@ -3,9 +3,20 @@
 Output of `load_ohlcv` (RangeIndex, one row per bar, in time order):
   time     datetime64[ns, UTC]
   open, high, low, close, volume   float64
-  spread         float64, price units (only when known in price units, see below)
-  spread_points  float64, MetaTrader points (only for MetaTrader sources)
+  spread         float64, price units (when the data has a spread; MetaTrader points are converted)
+  spread_points  float64, MetaTrader points (only when the source gives points)
   symbol         str (only when requested or present in the input)
+and `frame.attrs`:
+  source          the path, or 'frame'
+  point           the quote grid's increment (float; a {symbol: point} dict for a frame holding several
+                  symbols with different points)
+  point_source    'config' (the `point` argument, data.point) or 'inferred from quote decimals'
+  spread_source   'file, points x point' (MetaTrader points converted with `point`), 'file, price units',
+                  or None when the data has no spread (the backtest then needs backtest.spread)
+  volume_source   'volume', 'real_volume', 'tick_volume', or an explicit fallback such as
+                  'tick_volume (fallback: real volume is all zero)' (also logged as a warning)
+  tz, time_note   the zone naive times were read in (None: UTC) and a sentence for summaries
+  ignored_columns, repair_report (with repair=True)
 
 Accepted inputs:
 - CSV with a header `time,open,high,low,close,volume[,spread]` (the seed format; `spread` in price units).
@@ -16,26 +27,33 @@ Accepted inputs:
   real_volume, spread).
 - Parquet (`.parquet` / `.pq`) and pandas DataFrames with the seed columns (or the MetaTrader ones).
 
-Volume: a `volume` column is used as is. Otherwise (MetaTrader) real volume `<VOL>` is used, unless it is
-all zero, as for spot FX, where the tick volume `<TICKVOL>` is used. `frame.attrs['volume_source']` says which.
+Quote grid: real prices are integer multiples of the symbol's point (1e-5 EURUSD, 1e-3 USDJPY, 0.01 stocks).
+The point is `point=` (data.point) when given, else inferred as the coarsest decimal grid all prices lie on
+(natron.data.grid.infer_point; the load summary says which). Prices off the given grid are an error naming
+the rows; a file whose prices lie on no decimal grid is an error that says to set data.point. Nothing is
+rounded. MetaTrader's `<SPREAD>` is an integer number of points: kept as `spread_points` and converted to
+`spread` = points x point, so costs never vanish for want of a point size.
 
-MetaTrader spread is an integer number of *points* (the symbol's price increment, 1e-5 for EURUSD, 1e-3 for
-USDJPY), which the export does not record. It is kept raw as `spread_points`; `spread` (price units, the
-unit the backtest and RL costs use) is added only when the caller passes `point=` (spread = points * point).
-The loader never guesses the point size from price decimals.
+Volume: a `volume` column is used as is, and MetaTrader's real volume `<VOL>` when it is not all zero.
+Volume that is all zero (spot FX exported with real volume, a CSV with 0 everywhere) is never accepted
+silently: with a tick-volume column it falls back to tick volume, recorded in `volume_source` and logged as
+a warning; without one it is an error (every volume feature would degenerate).
 
-Times: naive timestamps are taken to be in `tz` (default UTC; MetaTrader exports are in the broker's
-server time, e.g. pass tz='Etc/GMT-2' for a fixed UTC+2 server) and converted to UTC.
+Times (natron.data.times, the parser serving uses too): YYYY-MM-DD HH:MM:SS, YYYY.MM.DD HH:MM:SS, ISO 8601
+with an offset (converted), epoch seconds. Naive times are in `tz` (data.tz: an IANA name such as 'EET',
+with daylight saving, or a fixed offset such as '+02:00') and converted to UTC; without `tz` they are taken
+as UTC and the load summary says so. MetaTrader exports and the EA use the broker's server time: set tz.
 
-Validation never drops, fills or reorders anything (a frame holding several symbols comes back grouped by
-symbol, a stable sort that keeps each symbol's validated row order). Every broken rule raises `DataError`
-naming the rule, the number of offending rows and the first few of them (0-based data rows; in text files
-line = row + 2):
-missing columns, unparseable times, non-numeric or NaN/inf values, non-positive prices,
-high < max(open, close), low > min(open, close), negative volume or spread, duplicate or decreasing
-timestamps (within a symbol). Gaps in time are legal; `ohlcv_summary` counts them. `repair=True` is the one
-explicit fix: a stable sort by time and removal of repeated timestamps (the first row in file order is kept),
-with the exact counts in `frame.attrs['repair_report']` and the log.
+Validation (natron.data.rules.candle_violations, the one definition of a valid candle) never drops, fills
+or reorders anything (a frame holding several symbols comes back grouped by symbol, a stable sort that keeps
+each symbol's validated row order). Every broken rule raises `DataError` naming the rule, the number of
+offending rows and the first few of them (0-based data rows; in text files line = row + 2): missing columns,
+unparseable times, non-numeric or NaN/inf values, non-positive prices, high < max(open, close),
+low > min(open, close), negative volume or spread, prices off the quote grid, duplicate or decreasing
+timestamps (within a symbol), times the zone cannot place (daylight saving). Gaps in time are legal;
+`ohlcv_summary` counts them. `repair=True` is the one explicit fix: a stable sort by time and removal of
+repeated timestamps (the first row in file order is kept), with the exact counts in
+`frame.attrs['repair_report']` and the log.
 """
 from __future__ import annotations
 
@@ -49,7 +67,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 from absl import logging
 
-from natron.data.synthetic import synthetic_market, timeframe_delta
+from natron.data import grid, rules, times
+from natron.data.synthetic import DEFAULT_POINT, PRESETS, synthetic_market, timeframe_delta
 from natron.errors import UserError
 
 PRICES = ('open', 'high', 'low', 'close')
@@ -67,18 +86,19 @@ _ALIASES = {
 }
 _MT5_ONLY = ('tick_volume', 'real_volume')
 _NUMERIC = PRICES + ('volume', 'tick_volume', 'real_volume', 'spread', 'spread_points')
-_ARROW_TIME_FORMATS = (pcsv.ISO8601, '%Y.%m.%d %H:%M:%S', '%Y.%m.%d %H:%M', '%Y.%m.%d')
-_TIME_RULE = ('time must be a valid timestamp (YYYY-MM-DD HH:MM:SS, YYYY.MM.DD HH:MM:SS, ISO 8601 with an '
-              'optional UTC offset, or epoch seconds)')
-_TIME_FORMATS = ('%Y-%m-%d %H:%M:%S', '%Y.%m.%d %H:%M:%S', '%Y-%m-%d %H:%M', '%Y.%m.%d %H:%M',
-                 '%Y-%m-%dT%H:%M:%S', '%Y-%m-%d', '%Y.%m.%d', '%Y%m%d %H:%M:%S')
+_ARROW_TIME_FORMATS = (pcsv.ISO8601,) + times.ARROW_FORMATS
+_TIME_RULE = times.TIME_RULE
+POINT_CONFIG = 'config'
+POINT_INFERRED = 'inferred from quote decimals'
+# `spread` and `spread_points x point` of one row may differ by the float64 rounding of both (~1e-16 relative).
+_SPREAD_MATCH = 1e-6
 
 
 class DataError(UserError):
   """Input data breaks a rule; the message names the rule and the offending rows.
 
   `violations` holds (rule, rows) pairs, rows being 0-based data row numbers (all of them, not just the
-  ones the message lists).
+  ones the message lists); `rule` is the rule's text (natron.data.rules).
   """
 
   def __init__(self, message: str, violations=()):
@@ -88,28 +108,36 @@ class DataError(UserError):
 
 # ----------------------------------------------------------------------------------------------- loading
 
-def load_ohlcv(path_or_frame, *, repair: bool = False, symbol: str | None = None, point: float | None = None,
-               tz: str = 'UTC') -> pd.DataFrame:
-  """Loads and validates one OHLCV series (see the module docstring for formats and rules).
+def load_ohlcv(path_or_frame, *, repair: bool = False, symbol: str | None = None, point=None,
+               tz: str | None = None) -> pd.DataFrame:
+  """Loads and validates one OHLCV series (see the module docstring for formats, rules and attrs).
 
   Args:
     path_or_frame: a path (CSV / MetaTrader export / Parquet) or a pandas DataFrame (not modified).
     repair: sort by time and drop repeated timestamps, reporting the counts; never fixes values.
     symbol: adds a constant `symbol` column.
-    point: MetaTrader point size in price units; turns `spread_points` into `spread`.
-    tz: time zone of naive timestamps.
+    point: the quote grid's increment (float or text such as '1e-5'; for a frame holding several symbols
+      also a {symbol: point} mapping, absent symbols inferred). None: inferred from the quote decimals.
+      Prices must lie on it; MetaTrader spreads in points are converted with it.
+    tz: time zone of naive timestamps (IANA name or fixed offset such as '+02:00'); None: UTC.
 
   Returns:
-    the canonical frame [T rows], attrs: source, volume_source, ignored_columns (+ repair_report).
+    the canonical frame [T rows] with attrs source, point, point_source, spread_source, volume_source, tz,
+    time_note, ignored_columns (+ repair_report).
   """
+  try:
+    times.parse_tz(tz)
+  except times.TimeZoneError as e:
+    raise DataError(str(e)) from None
   source, raw, is_text = _read(path_or_frame)
   table, used = _canonical_columns(raw, source)
   ignored = [str(c) for c in raw.columns if str(c) not in used]
   if len(raw) == 0:
     raise DataError(f"{source}: no rows (only a header)")
   violations = []
-  time = _parse_time(table, source, tz, violations)
-  frame, volume_source = _assemble(table, time, source, point, violations)
+  groups = _groups(table['symbol'].astype(str).to_numpy() if 'symbol' in table else None, len(raw))
+  time = _parse_time(table, tz, groups, violations)
+  frame, volume_source = _assemble(table, time, source, violations)
   if symbol is not None:
     if 'symbol' in frame and not (frame['symbol'] == symbol).all():
       raise DataError(f"{source}: symbol={symbol!r} was given but the data has a `symbol` column with other "
@@ -117,12 +145,25 @@ def load_ohlcv(path_or_frame, *, repair: bool = False, symbol: str | None = None
     frame['symbol'] = str(symbol)
   if violations:   # unparseable values: report them with every other broken rule, before any repair
     _raise_if(violations + _not_already(_violations(frame), violations), source, is_text)
+  points, point_source = _points(frame, point, source)
+  spread_source, spread_violations = _convert_spread(frame, points)
+  _check_volume(frame, source)
+  # An inferred point fits every price by construction; a given one is checked (rule off_grid).
+  given = {sym: p for sym, p in points.items()
+           if (point_source if isinstance(point_source, str) else point_source[sym]) == POINT_CONFIG}
+  if spread_violations:   # row numbers refer to the data as read: report before any repair
+    _raise_if(spread_violations + _violations(frame, given), source, is_text)
   report = None
   if repair:
     frame, report = repair_order(frame)
     logging.info('%s: repair: %s', source, report)
-  _raise_if(_violations(frame), source, is_text, repairable=not repair)
-  frame.attrs.update(source=source, volume_source=volume_source, ignored_columns=ignored)
+  _raise_if(_violations(frame, given), source, is_text, repairable=not repair)
+  one_point = set(points.values())
+  frame.attrs.update(
+      source=source, point=one_point.pop() if len(one_point) == 1 else dict(points),
+      point_source=point_source, spread_source=spread_source, volume_source=volume_source,
+      tz=None if times.parse_tz(tz) is None else str(tz), time_note=times.describe_tz(tz),
+      ignored_columns=ignored)
   if report is not None:
     frame.attrs['repair_report'] = report
   if 'symbol' in frame and frame['symbol'].nunique() > 1:
@@ -130,7 +171,32 @@ def load_ohlcv(path_or_frame, *, repair: bool = False, symbol: str | None = None
     frame = frame.sort_values('symbol', kind='stable').reset_index(drop=True)
   if ignored:
     logging.info('%s: ignored columns %s', source, ignored)
+  logging.info('%s: %d bars; point %s (%s); spread: %s; volume: %s; %s', source, len(frame),
+               _format_points(frame.attrs['point']), point_source, spread_source or 'none in the data',
+               volume_source, frame.attrs['time_note'])
   return frame
+
+
+def _format_points(point) -> str:
+  if isinstance(point, dict):
+    return ', '.join(f'{k}={v:g}' for k, v in point.items())
+  return f'{point:g}'
+
+
+def _groups(symbols, n: int) -> list:
+  """[(symbol or None, rows int64 [k])]: one group per symbol in order of first appearance, or one group."""
+  if symbols is None:
+    return [(None, np.arange(n))]
+  codes, uniques = pd.factorize(symbols, sort=False)
+  if len(uniques) <= 1:
+    return [(uniques[0] if len(uniques) else None, np.arange(n))]
+  order = np.argsort(codes, kind='stable')
+  bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
+  return [(str(uniques[k]), order[bounds[k]:bounds[k + 1]]) for k in range(len(uniques))]
+
+
+def _frame_groups(frame: pd.DataFrame) -> list:
+  return _groups(frame['symbol'].astype(str).to_numpy() if 'symbol' in frame else None, len(frame))
 
 
 def _read(path_or_frame):
@@ -242,56 +308,28 @@ def _canonical_columns(raw: pd.DataFrame, source: str):
   return table, used
 
 
-def _parse_time(table: dict, source: str, tz: str, violations: list) -> pd.DatetimeIndex:
-  """UTC timestamps from `time` (+ a separate `date`), recording unparseable rows as a violation."""
+def _parse_time(table: dict, tz, groups: list, violations: list) -> pd.DatetimeIndex:
+  """UTC timestamps from `time` (+ a separate `date`), recording unparseable rows as a violation.
+
+  natron.data.times.parse_times is the one parser (serving uses it too); pyarrow's fast path has already
+  turned clean text into datetime64 (naive: wall-clock times in `tz`).
+  """
   values = table['time']
   if 'date' in table and pd.api.types.is_timedelta64_dtype(values.dtype):   # MetaTrader, parsed by arrow
     values = pd.to_datetime(table['date']) + values
   elif 'date' in table:   # MetaTrader <DATE> and <TIME> as text
     values = table['date'].astype(str).str.strip() + ' ' + values.astype(str).str.strip()
-  if pd.api.types.is_datetime64_any_dtype(values.dtype):
-    parsed = pd.DatetimeIndex(values)
-  elif pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
-    # MetaTrader 5 Python API: epoch seconds, in the broker's server time like the exports.
-    parsed = pd.DatetimeIndex(pd.to_datetime(values, unit='s', errors='coerce'))
-  else:
-    parsed = _parse_time_strings(values.astype(object))
-  if parsed.tz is None:
-    try:
-      parsed = parsed.tz_localize(tz, ambiguous='raise', nonexistent='raise')
-    except Exception as e:  # pytz / zoneinfo raise different types for DST problems
-      raise DataError(f"{source}: cannot interpret the naive timestamps in time zone {tz!r} ({e}); "
-                      f"use a fixed-offset zone such as 'Etc/GMT-2'") from e
-  parsed = parsed.tz_convert('UTC').as_unit('ns')
-  bad = np.flatnonzero(np.asarray(parsed.isna()))
+  if pd.api.types.is_bool_dtype(values.dtype):
+    values = values.astype(object)
+  parsed = times.parse_times(values, tz, [rows for _, rows in groups])
+  shown = {'time': np.asarray(values)}
+  bad = np.flatnonzero(parsed.bad)
   if bad.size:
-    violations.append((_TIME_RULE, bad, {'time': np.asarray(values)}))
-  return parsed
-
-
-def _parse_time_strings(values: pd.Series) -> pd.DatetimeIndex:
-  """Picks the known format (or ISO 8601 with offsets) that parses most of a sample, then parses all rows.
-
-  Choosing on a sample's majority, not on its first value, keeps one bad row from derailing the format:
-  the bad row is reported, the rest parse.
-  """
-  sample = values.dropna().head(200)
-  if sample.empty:
-    return pd.DatetimeIndex(pd.to_datetime(values, errors='coerce'))
-  best, best_count = 'ISO8601', -1
-  for fmt in ('ISO8601',) + _TIME_FORMATS:
-    try:
-      count = int(pd.to_datetime(sample, format=fmt, errors='coerce', utc=True).notna().sum())
-    except (ValueError, TypeError):
-      continue
-    if count > best_count:
-      best, best_count = fmt, count
-    if count == len(sample):
-      break
-  try:
-    return pd.DatetimeIndex(pd.to_datetime(values, format=best, errors='coerce'))
-  except (ValueError, TypeError):   # mixed UTC offsets (e.g. across DST): convert each to UTC
-    return pd.DatetimeIndex(pd.to_datetime(values, format=best, errors='coerce', utc=True))
+    rule = _TIME_RULE + (f'; {parsed.reason}' if parsed.reason else '')
+    violations.append((rule, bad, shown))
+  for rule, rows in parsed.problems:
+    violations.append((rule, rows, shown))
+  return pd.DatetimeIndex(parsed.ns.view('datetime64[ns]')).tz_localize('UTC')
 
 
 def _numeric(series: pd.Series, name: str, violations: list) -> np.ndarray:
@@ -309,68 +347,215 @@ def _numeric(series: pd.Series, name: str, violations: list) -> np.ndarray:
   return out
 
 
-def _assemble(table: dict, time: pd.DatetimeIndex, source: str, point, violations: list):
-  """Canonical frame from the mapped columns -> (frame, volume_source)."""
+def _assemble(table: dict, time: pd.DatetimeIndex, source: str, violations: list):
+  """Canonical frame from the mapped columns (spread still in the source's unit) -> (frame, volume_source)."""
   cols = {'time': time}
   for name in PRICES:
     cols[name] = _numeric(table[name], name, violations)
+  tick = _numeric(table['tick_volume'], 'tick_volume', violations) if 'tick_volume' in table else None
   if 'volume' in table:
     cols['volume'], volume_source = _numeric(table['volume'], 'volume', violations), 'volume'
+    fallback = 'volume is all zero'
   else:
     real = _numeric(table['real_volume'], 'real_volume', violations) if 'real_volume' in table else None
-    if real is not None and np.nansum(np.abs(real)) > 0:
-      cols['volume'], volume_source = real, 'real_volume'
-    elif 'tick_volume' in table:
-      cols['volume'], volume_source = _numeric(table['tick_volume'], 'tick_volume', violations), 'tick_volume'
-    else:
-      raise DataError(f"{source}: real volume is all zero and there is no tick volume column")
+    cols['volume'], volume_source = (real, 'real_volume') if real is not None else (tick, 'tick_volume')
+    fallback = 'real volume is all zero'
+  if volume_source != 'tick_volume' and tick is not None and _all_zero(cols['volume']) and not _all_zero(tick):
+    # Spot FX exported with real volume: every volume feature would degenerate. Explicit and loud.
+    cols['volume'], volume_source = tick, f'tick_volume (fallback: {fallback})'
+    logging.warning('%s: %s; using the tick volume column instead (frame.attrs[\'volume_source\'] records it)',
+                    source, fallback)
   if 'spread' in table:
     cols['spread'] = _numeric(table['spread'], 'spread', violations)
   if 'spread_points' in table:
-    points = _numeric(table['spread_points'], 'spread_points', violations)
-    if point is not None:
-      if not (np.isfinite(point) and point > 0):
-        raise DataError(f"point must be a positive price increment such as 1e-5, got {point!r}")
-      cols['spread'] = points * float(point)
-    cols['spread_points'] = points
-  elif point is not None:
-    raise DataError(f"{source}: point={point!r} was given but the data has no MetaTrader spread column")
+    cols['spread_points'] = _numeric(table['spread_points'], 'spread_points', violations)
   if 'symbol' in table:
     cols['symbol'] = table['symbol'].astype(str).to_numpy()
-  frame = pd.DataFrame(cols)
-  return frame, volume_source
+  return pd.DataFrame(cols), volume_source
+
+
+def _all_zero(x: np.ndarray) -> bool:
+  finite = x[np.isfinite(x)]
+  return bool(finite.size) and not np.any(finite != 0)
+
+
+def _check_volume(frame: pd.DataFrame, source: str):
+  """All-zero volume (per symbol) is an error: it cannot be told apart from 'no volume'."""
+  volume = frame['volume'].to_numpy(np.float64)
+  for sym, rows in _frame_groups(frame):
+    if _all_zero(volume[rows]):
+      where = f' (symbol {sym})' if sym is not None else ''
+      raise DataError(
+          f"{source}{where}: the volume is 0 in every row, so every volume feature would be constant. Spot FX "
+          f"has no real volume: export tick volume instead (MetaTrader <TICKVOL>, ExportBars.mq5 with "
+          f"InpUseRealVolume=false), or give a file with a tick_volume column")
+
+
+def parse_point_setting(value, symbols=None) -> dict:
+  """data.point -> {symbol: point or None (infer)}; `symbols` are the symbols loaded ([None] for one series).
+
+  None / '' -> infer everywhere; '1e-5' -> that point for every symbol; 'EURUSD=1e-5,USDJPY=1e-3' (or a
+  mapping) -> per symbol, others inferred. An unknown symbol name or a bad number is a UserError.
+  """
+  symbols = [None] if symbols is None else list(symbols)
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return {s: None for s in symbols}
+  if isinstance(value, dict):
+    mapping = dict(value)
+  elif isinstance(value, str) and '=' in value:
+    mapping = {}
+    for part in value.split(','):
+      if not part.strip():
+        continue
+      key, sep, number = part.partition('=')
+      if not sep or not key.strip():
+        raise UserError(f"data.point={value!r}: write one point ('1e-5') or SYMBOL=POINT pairs "
+                        f"('EURUSD=1e-5,USDJPY=1e-3')")
+      mapping[key.strip()] = number.strip()
+  else:
+    p = _checked_point(value, 'data.point')
+    return {s: p for s in symbols}
+  unknown = sorted(k for k in mapping if k not in symbols)
+  if unknown:
+    raise UserError(f"data.point names symbol(s) {unknown} that are not in the data {[s for s in symbols if s]}")
+  return {s: _checked_point(mapping[s], f'data.point[{s}]') if s in mapping else None for s in symbols}
+
+
+def _checked_point(value, name: str) -> float:
+  try:
+    return grid.check_point(value)
+  except grid.GridError:
+    raise DataError(f"{name}={value!r}: a point is a positive price increment such as 1e-5 (EURUSD), 1e-3 "
+                    f"(USDJPY) or 0.01 (stocks)") from None
+
+
+def _points(frame: pd.DataFrame, point, source: str):
+  """-> ({symbol or None: point}, point_source) for every symbol group of the frame."""
+  groups = _frame_groups(frame)
+  wanted = parse_point_setting(point, [sym for sym, _ in groups]) if isinstance(point, (dict, str)) or \
+      point is None else {sym: _checked_point(point, 'point') for sym, _ in groups}
+  prices = np.stack([frame[c].to_numpy(np.float64) for c in PRICES], axis=1)
+  points, sources = {}, {}
+  for sym, rows in groups:
+    if wanted[sym] is not None:
+      points[sym], sources[sym] = wanted[sym], POINT_CONFIG
+      top = float(np.nanmax(np.abs(prices[rows]))) if rows.size else 0.0
+      if top / wanted[sym] >= grid.MAX_TICKS:
+        raise DataError(f"{source}: a price of {top:.10g} is {top / wanted[sym]:.0f} points of "
+                        f"{wanted[sym]:g}: at 2**24 points or more float32 cannot hold prices exactly; use a "
+                        f"coarser point (e.g. {wanted[sym] * 10:g})")
+      continue
+    x = prices[rows].ravel()
+    x = x[np.isfinite(x) & (x > 0)]
+    where = f' (symbol {sym})' if sym is not None else ''
+    try:
+      points[sym], sources[sym] = _infer_point(x), POINT_INFERRED
+    except grid.GridError as e:
+      raise DataError(f"{source}{where}: cannot infer the quote grid from the prices: {e}") from None
+  kinds = set(sources.values())
+  return points, (kinds.pop() if len(kinds) == 1 else sources)
+
+
+def _infer_point(prices: np.ndarray) -> float:
+  """grid.infer_point, fast on long series: the coarsest grid of a sample, verified on all prices.
+
+  The sample's coarsest grid is at least as coarse as the series' one; if it also fits every price it IS
+  the series' coarsest grid, otherwise the full inference runs.
+  """
+  sample = prices[:4096]
+  if sample.size == prices.size:
+    return grid.infer_point(prices)
+  candidate = grid.infer_point(sample)
+  if not grid.off_grid(prices, candidate).any() and float(np.max(prices)) / candidate < grid.MAX_TICKS:
+    return candidate
+  return grid.infer_point(prices)
+
+
+def _convert_spread(frame: pd.DataFrame, points: dict):
+  """MetaTrader points -> `spread` in price units (in place) -> (spread_source or None, violations)."""
+  if 'spread_points' not in frame:
+    return ('file, price units' if 'spread' in frame else None), []
+  per_row = np.empty(len(frame))
+  for sym, rows in _frame_groups(frame):
+    per_row[rows] = points[sym]
+  converted = frame['spread_points'].to_numpy(np.float64) * per_row
+  if 'spread' not in frame:
+    frame.insert(frame.columns.get_loc('spread_points'), 'spread', converted)
+    return 'file, points x point', []
+  given = frame['spread'].to_numpy(np.float64)
+  with np.errstate(invalid='ignore'):
+    differs = np.abs(given - converted) > _SPREAD_MATCH * per_row
+  if not differs.any():
+    return 'file, price units', []
+  show = {'spread': given, 'spread_points': frame['spread_points'].to_numpy(), 'point': per_row}
+  return 'file, price units', [('spread must equal spread_points x point (the data holds two spreads that '
+                                'disagree: drop one column, or set data.point)', np.flatnonzero(differs), show)]
 
 
 # ---------------------------------------------------------------------------------------------- validation
 
-def validate_ohlcv(frame: pd.DataFrame, *, source: str = 'frame'):
-  """Raises DataError if a canonical frame (time as datetime64, float columns) breaks any rule."""
-  _raise_if(_violations(frame), source, is_text=False)
+def validate_ohlcv(frame: pd.DataFrame, *, source: str = 'frame', point=None):
+  """Raises DataError if a canonical frame (time as datetime64, float columns) breaks any rule.
+
+  `point`: also check that prices lie on this quote grid (a float, or {symbol: point}).
+  """
+  points = None
+  if point is not None:
+    points = point if isinstance(point, dict) else {sym: point for sym, _ in _frame_groups(frame)}
+  _raise_if(_violations(frame, points), source, is_text=False)
 
 
-def _violations(frame: pd.DataFrame) -> list:
-  """All rule violations of a canonical frame -> list of (rule, rows int64[k], columns to show)."""
-  violations = []
+def _violations(frame: pd.DataFrame, points: dict | None = None) -> list:
+  """All rule violations of a canonical frame -> list of (rule text, rows int64[k], columns to show).
+
+  natron.data.rules.candle_violations is the rule set; it runs per symbol (time order is per symbol) and the
+  rows are mapped back to the frame's.
+  """
   values = {c: frame[c].to_numpy(np.float64) for c in PRICES + ('volume',) + OPTIONAL if c in frame}
-  for name, x in values.items():
-    bad = np.flatnonzero(~np.isfinite(x))
-    if bad.size:
-      violations.append((f'{name} must be finite (not NaN/inf/missing)', bad, {name: x}))
-  o, h, l, c = (values[k] for k in PRICES)
-  with np.errstate(invalid='ignore'):
-    _add(violations, 'prices must be > 0', (o <= 0) | (h <= 0) | (l <= 0) | (c <= 0),
-         {k: values[k] for k in PRICES})
-    _add(violations, 'high >= max(open, close)', h < np.maximum(o, c), {'high': h, 'open': o, 'close': c})
-    _add(violations, 'low <= min(open, close)', l > np.minimum(o, c), {'low': l, 'open': o, 'close': c})
-    _add(violations, 'volume >= 0', values['volume'] < 0, {'volume': values['volume']})
-    for name in OPTIONAL:
-      if name in values:
-        _add(violations, f'{name} >= 0', values[name] < 0, {name: values[name]})
-  step = _time_steps(frame)
-  times = {'time': pd.DatetimeIndex(frame['time'])}   # formatted only for the rows a message lists
-  _add(violations, 'timestamps must not repeat (duplicate of the previous row)', step == 0, times)
-  _add(violations, 'timestamps must increase (earlier than the previous row)', step < 0, times)
-  return violations
+  time_ns = _ns(frame['time'])
+  merged = {}
+  for sym, rows in _frame_groups(frame):
+    found = rules.candle_violations(
+        time_ns[rows], *(values[c][rows] for c in PRICES + ('volume',)),
+        spread=values['spread'][rows] if 'spread' in values else None,
+        point=None if points is None else points.get(sym))
+    for v in found:
+      merged.setdefault(v.text, (v, []))[1].append(rows[v.rows])
+  if 'spread_points' in values and 'spread' not in values:   # a canonical frame with points only
+    bad = ~np.isfinite(values['spread_points'])
+    if bad.any():
+      merged.setdefault('spread_points must be finite', (None, [np.flatnonzero(bad)]))
+  # NaT rows were reported as unparseable times; a row after one has no step to judge.
+  nat = np.asarray(frame['time'].isna())
+  out = []
+  for text, (v, row_lists) in merged.items():
+    rows = np.sort(np.concatenate(row_lists))
+    if v is not None and v.rule == 'time_order' and nat.any():
+      rows = rows[~(nat[rows] | nat[np.maximum(rows - 1, 0)])]
+      if not rows.size:
+        continue
+    out.append((text, rows, _shown(text, v, values, frame)))
+  return out
+
+
+def _shown(text: str, v, values: dict, frame: pd.DataFrame) -> dict:
+  """The columns an ingestion message lists for each offending row of a rule."""
+  if v is None:
+    return {'spread_points': values['spread_points']}
+  if v.rule == 'not_finite':
+    return {v.field: values[v.field]}
+  if text == rules.HIGH:
+    return {'high': values['high'], 'open': values['open'], 'close': values['close']}
+  if text == rules.LOW:
+    return {'low': values['low'], 'open': values['open'], 'close': values['close']}
+  if v.rule in ('price_positive', 'off_grid'):
+    return {k: values[k] for k in PRICES}
+  if v.rule == 'time_order':
+    return {'time': pd.DatetimeIndex(frame['time'])}   # formatted only for the rows a message lists
+  shown = {v.field: values[v.field]}
+  if v.field == 'spread' and 'spread_points' in values:
+    shown['spread_points'] = values['spread_points']
+  return shown
 
 
 def _not_already(violations: list, parse_violations: list) -> list:
@@ -407,12 +592,6 @@ def _time_steps(frame: pd.DataFrame) -> np.ndarray:
   return step
 
 
-def _add(violations: list, rule: str, mask: np.ndarray, show: dict):
-  rows = np.flatnonzero(mask)
-  if rows.size:
-    violations.append((rule, rows, show))
-
-
 def _raise_if(violations: list, source: str, is_text: bool, repairable: bool = False):
   if not violations:
     return
@@ -424,6 +603,9 @@ def _raise_if(violations: list, source: str, is_text: bool, repairable: bool = F
     lines.append(f"  rule '{rule}' broken in {rows.size} row(s): {listed}{more}")
   if repairable and any(rule.startswith('timestamps') for rule, _, _ in violations):
     lines.append('  (repair=True sorts by time and drops repeated timestamps, reporting the counts)')
+  if any(rule == rules.ON_GRID for rule, _, _ in violations):
+    lines.append('  (set data.point, the `point` argument, to the instrument\'s price increment (MetaTrader: '
+                 'SYMBOL_POINT), or leave it unset to infer it from the quote decimals; nothing is rounded)')
   raise DataError('\n'.join(lines), [(rule, rows) for rule, rows, _ in violations])
 
 
@@ -538,12 +720,18 @@ def load_market(data_config) -> pd.DataFrame:
 
   Args:
     data_config: `config.data` (or the whole config): path ('' -> synthetic; else one path or comma-separated
-      paths, one symbol each, named by file stem), repair, timeframe, synthetic_bars, synthetic_seed,
+      paths, one symbol each, named by file stem), repair, timeframe, point (None: inferred per file from the
+      quote decimals, the synthetic market's own 1e-5; '1e-5'; or 'EURUSD=1e-5,USDJPY=1e-3'), tz (naive
+      times' zone, None: UTC), synthetic_bars, synthetic_seed, synthetic_preset ('learnable' | 'realistic'),
       synthetic_symbols (default 1; one symbol is named 'SYNTH' and uses synthetic_seed itself, several are
       SYNTH0, SYNTH1, ... with seeds (synthetic_seed, i)).
 
   Returns:
-    the canonical frame plus a `symbol` column (str); windows must never cross symbols.
+    the canonical frame plus a `symbol` column (str); windows must never cross symbols. attrs: source,
+    sources {symbol: path or 'synthetic'}, repair_reports {symbol: report}, points {symbol: point},
+    point_sources {symbol: 'config' | 'inferred from quote decimals' | 'synthetic default'}, spread_sources
+    {symbol: 'file, points x point' | 'file, price units' | 'synthetic' | None}, volume_sources {symbol: ...},
+    tz (data.tz or None), time_note (how times were read), synthetic_preset (synthetic data only).
   """
   cfg = data_config.data if hasattr(data_config, 'data') and not hasattr(data_config, 'path') else data_config
 
@@ -553,23 +741,43 @@ def load_market(data_config) -> pd.DataFrame:
   path = str(get('path', '') or '').strip()
   timeframe = str(get('timeframe', '15min'))
   expected = timeframe_delta(timeframe).total_seconds()   # a bad timeframe fails before any loading
+  point, tz = get('point', None), get('tz', None)
   if not path:
+    preset = str(get('synthetic_preset', 'learnable') or 'learnable')
     frames = _synthetic_symbols(int(get('synthetic_bars', 20_000)), int(get('synthetic_seed', 0)),
-                                int(get('synthetic_symbols', 1)), timeframe)
+                                int(get('synthetic_symbols', 1)), timeframe, preset, point)
+    time_note = 'synthetic market: times generated in UTC' + (' (data.tz is not used)' if tz else '')
+    tz = None
   else:
-    frames = _file_symbols(path, bool(get('repair', False)))
+    try:
+      times.parse_tz(tz)
+    except times.TimeZoneError as e:
+      raise DataError(str(e)) from None
+    frames = _file_symbols(path, bool(get('repair', False)), point, tz)
+    time_note = times.describe_tz(tz)
   frames.sort(key=lambda f: f['symbol'].iat[0] if len(f) else '')
   market = pd.concat(frames, ignore_index=True)
+  named = [(f['symbol'].iat[0], f.attrs) for f in frames if len(f)]
   market.attrs = {
       'source': path or 'synthetic',
-      'sources': {f['symbol'].iat[0]: f.attrs.get('source', 'synthetic') for f in frames if len(f)},
-      'repair_reports': {f['symbol'].iat[0]: f.attrs['repair_report'] for f in frames
-                         if len(f) and 'repair_report' in f.attrs},
+      'sources': {sym: a.get('source', 'synthetic') for sym, a in named},
+      'repair_reports': {sym: a['repair_report'] for sym, a in named if 'repair_report' in a},
+      'points': {sym: a['point'] for sym, a in named},
+      'point_sources': {sym: a['point_source'] for sym, a in named},
+      'spread_sources': {sym: a['spread_source'] for sym, a in named},
+      'volume_sources': {sym: a['volume_source'] for sym, a in named},
+      'tz': None if times.parse_tz(tz) is None else str(tz),
+      'time_note': time_note,
   }
+  if not path:
+    market.attrs['synthetic_preset'] = preset
   summary = ohlcv_summary(market)
-  logging.info('data: %d bars, %d symbol(s), %s .. %s, %d gaps (largest %s s)', summary['rows'],
+  logging.info('data: %d bars, %d symbol(s), %s .. %s, %d gaps (largest %s s); %s', summary['rows'],
                len(summary['symbols']), summary['start'], summary['end'], summary['gaps'],
-               summary['largest_gap_s'])
+               summary['largest_gap_s'], time_note)
+  for sym, a in named:
+    logging.info('data: %s: point %g (%s); spread: %s; volume: %s', sym, a['point'], a['point_source'],
+                 a['spread_source'] or 'none in the data (a backtest needs backtest.spread)', a['volume_source'])
   median = summary['median_interval_s']
   if median is not None and abs(median - expected) > 1e-9:
     logging.warning('data: the median bar interval is %g s but config.data.timeframe is %s (%g s)', median,
@@ -577,27 +785,36 @@ def load_market(data_config) -> pd.DataFrame:
   return market
 
 
-def _synthetic_symbols(n_bars: int, seed: int, n_symbols: int, timeframe: str) -> list:
+def _synthetic_symbols(n_bars: int, seed: int, n_symbols: int, timeframe: str, preset: str = 'learnable',
+                       point=None) -> list:
   if n_symbols < 1:
     raise UserError(f"config.data.synthetic_symbols must be >= 1, got {n_symbols}")
+  if preset not in PRESETS:
+    raise UserError(f"config.data.synthetic_preset must be one of {sorted(PRESETS)}, got {preset!r}")
   if n_symbols == 1:
-    frame, _ = synthetic_market(n_bars, seed=seed, timeframe=timeframe)
-    frame['symbol'] = 'SYNTH'
-    return [frame]
-  width = len(str(n_symbols - 1))   # zero-padded so the lexicographic order is the numeric order
+    names, seeds = ['SYNTH'], [seed]
+  else:
+    width = len(str(n_symbols - 1))   # zero-padded so the lexicographic order is the numeric order
+    names, seeds = [f'SYNTH{i:0{width}d}' for i in range(n_symbols)], [(seed, i) for i in range(n_symbols)]
+  points = parse_point_setting(point, names)
   frames = []
-  for i in range(n_symbols):
-    frame, _ = synthetic_market(n_bars, seed=(seed, i), timeframe=timeframe)
-    frame['symbol'] = f'SYNTH{i:0{width}d}'
+  for name, sym_seed in zip(names, seeds):
+    kwargs = {} if points[name] is None else {'point': points[name]}
+    frame, _ = synthetic_market(n_bars, seed=sym_seed, timeframe=timeframe, preset=preset, **kwargs)
+    frame['symbol'] = name
+    frame.attrs = dict(source='synthetic', point=float(kwargs.get('point', DEFAULT_POINT)),
+                       point_source=POINT_CONFIG if kwargs else 'synthetic default', spread_source='synthetic',
+                       volume_source='tick_volume (synthetic)')
     frames.append(frame)
   return frames
 
 
-def _file_symbols(path: str, repair: bool) -> list:
+def _file_symbols(path: str, repair: bool, point=None, tz=None) -> list:
   paths = [p.strip() for p in path.split(',') if p.strip()]
   symbols = [Path(p).stem for p in paths]
   repeated = sorted({s for s in symbols if symbols.count(s) > 1})
   if repeated:
     raise DataError(f"config.data.path: several files share the symbol name(s) {repeated} (the file stem); "
                     f"rename them so each symbol is one file")
-  return [load_ohlcv(p, repair=repair, symbol=s) for p, s in zip(paths, symbols)]
+  points = parse_point_setting(point, symbols)
+  return [load_ohlcv(p, repair=repair, symbol=s, point=points[s], tz=tz) for p, s in zip(paths, symbols)]

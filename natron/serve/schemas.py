@@ -12,33 +12,46 @@ Every rejection is an `InvalidRequest` (a `UserError`) carrying the rule broken,
 and the field, which the app turns into HTTP 422 (or a WebSocket error message). Nothing is repaired:
 unsorted, duplicated or inconsistent candles are refused, never silently fixed.
 
-Rules (the ingestion rules of natron.data, applied to a request):
+Time convention (the server, the MT5 EA and every client): times are UTC.
+  - Request `time`: unix seconds (UTC by definition; the EA converts its broker server time to UTC before
+    sending, mt5/README.md), or text: ISO 8601 / `YYYY-MM-DD HH:MM:SS` / MetaTrader's `YYYY.MM.DD HH:MM:SS`,
+    with an explicit offset (`Z`, `+02:00`: converted to UTC) or without one (then read AS UTC; a client
+    holding broker server time must convert it or send the offset). natron.data.times.parse_times is the
+    parser, the same one ingestion uses.
+  - Responses: `time` is ISO 8601 with a `Z`, `timestamp` unix seconds, both UTC: the open time of the last
+    candle sent, so a client compares it with what it sent (the EA: converted back to server time).
+  The model itself sees no clock (prices and volumes only), so candles older than a client's last DST change
+  that it converted with today's offset change no prediction; only the order and the last time matter.
+
+Rules: the candle rules are natron.data.rules.candle_violations (the one definition ingestion and features
+use too); the `rule` ids are its ids. Checks, in order:
   fields            every candle is an object with exactly time, open, high, low, close, volume
   type              prices and volume are JSON numbers (not strings, booleans or null)
-  time              unix seconds (a number) or an ISO-8601 string; one kind per request; a naive string is UTC
+  time              unix seconds (a number) or a time string (above); one kind per request
   not_finite        every value is finite
   price_positive    open, high, low, close > 0
-  volume_negative   volume >= 0
   high_low          high >= max(open, close) and low <= min(open, close)
+  volume_negative   volume >= 0
+  off_grid          prices on the quote grid (only when the caller passes a point)
   time_order        times strictly increase (a duplicate or a step back names the candle)
   too_few_candles   at least `required_candles` (window + feature warm-up) candles per window
   too_many_candles  at most `max_candles` per window (`max_series` for one long series)
   too_many_windows  at most `max_batch` windows per /batch_predict request
+The first offending candle (lowest index) is reported; at one candle, the rule listed first.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import operator
-import re
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import orjson
-import pandas as pd
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from natron.data import grid, rules, times
 from natron.errors import UserError
 
 CANDLE_FIELDS = ('time', 'open', 'high', 'low', 'close', 'volume')
@@ -46,8 +59,8 @@ PRICE_FIELDS = ('open', 'high', 'low', 'close', 'volume')
 _ROW = operator.itemgetter(*CANDLE_FIELDS)
 _NUMBER_TYPES = frozenset((int, float))
 # Unix seconds after 2262-04-11 overflow datetime64[ns]; values that large are almost always milliseconds.
-_MAX_UNIX_SECONDS = 9_000_000_000
-_ISO_DATE = re.compile(r'\d{4}-\d{2}-\d{2}')
+_MAX_UNIX_SECONDS = times.MAX_EPOCH_SECONDS
+_TIME_FORMS = 'YYYY-MM-DD HH:MM:SS or YYYY.MM.DD HH:MM:SS, ISO 8601 with an optional offset (Z, +02:00)'
 
 
 class InvalidRequest(UserError):
@@ -72,7 +85,8 @@ class InvalidRequest(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Candles:
-  """One validated window or series: time int64 [N] (ns since the epoch, UTC), ohlcv float32 [N, 5]."""
+  """One validated window or series: time int64 [N] (ns since the epoch, UTC), ohlcv float64 [N, 5] (prices
+  exactly as sent: the Predictor converts them to points on the quote grid, natron.data.grid)."""
   time: np.ndarray
   ohlcv: np.ndarray
 
@@ -138,86 +152,71 @@ def _parse_numbers(columns: list[tuple], window) -> np.ndarray:
 
 
 def _parse_times(values: tuple, window) -> np.ndarray:
-  """Unix seconds (numbers) or ISO-8601 strings -> int64 ns since the epoch, UTC."""
+  """Unix seconds (numbers) or time strings -> int64 ns since the epoch, UTC (natron.data.times)."""
   kinds = set(map(type, values))
-  if kinds <= _NUMBER_TYPES:
-    seconds = np.array(values, dtype=np.float64)
-    bad = ~np.isfinite(seconds) | (seconds < 0) | (seconds > _MAX_UNIX_SECONDS)
-    if bad.any():
-      i = int(np.argmax(bad))
-      _fail(f'{values[i]!r} is not unix seconds in [0, {_MAX_UNIX_SECONDS}] (milliseconds? send seconds)',
-            'time', window, i, 'time')
-    return np.round(seconds * 1e9).astype(np.int64)
-  if kinds == {str}:
-    # pandas also reads words such as 'now' or 'today'; an ISO-8601 time starts with YYYY-MM-DD.
+  if not (kinds <= _NUMBER_TYPES or kinds == {str}):
     for i, value in enumerate(values):
-      if not _ISO_DATE.match(value):
-        _fail(f'{value!r} is not an ISO-8601 time (YYYY-MM-DD[THH:MM:SS][Z|+HH:MM])', 'time', window, i, 'time')
-    try:
-      stamps = pd.to_datetime(pd.Index(values), utc=True, format='ISO8601')
-    except (ValueError, OverflowError, pd.errors.OutOfBoundsDatetime):
-      for i, value in enumerate(values):   # slow path, only to name the first bad candle
-        try:
-          pd.to_datetime([value], utc=True, format='ISO8601')
-        except (ValueError, OverflowError, pd.errors.OutOfBoundsDatetime):
-          _fail(f'{value!r} is not an ISO-8601 time', 'time', window, i, 'time')
-      _fail('times are not all ISO-8601 strings in one consistent format', 'time', window, None, 'time')
-    if stamps.isna().any():
-      i = int(np.argmax(stamps.isna()))
-      _fail(f'{values[i]!r} is not a time', 'time', window, i, 'time')
-    return stamps.asi8.astype(np.int64)
-  for i, value in enumerate(values):
-    if type(value) not in _NUMBER_TYPES and type(value) is not str:
-      _fail(f'must be unix seconds or an ISO-8601 string, got {value!r}', 'time', window, i, 'time')
-  first_number = next(i for i, v in enumerate(values) if type(v) in _NUMBER_TYPES)
-  first_string = next(i for i, v in enumerate(values) if type(v) is str)
-  _fail(f'mixes unix seconds (candle {first_number}) and strings (candle {first_string}); use one kind',
-        'time', window, max(first_number, first_string), 'time')
+      if type(value) not in _NUMBER_TYPES and type(value) is not str:
+        _fail(f'must be unix seconds or a time string ({_TIME_FORMS}), got {value!r}', 'time', window, i,
+              'time')
+    first_number = next(i for i, v in enumerate(values) if type(v) in _NUMBER_TYPES)
+    first_string = next(i for i, v in enumerate(values) if type(v) is str)
+    _fail(f'mixes unix seconds (candle {first_number}) and strings (candle {first_string}); use one kind',
+          'time', window, max(first_number, first_string), 'time')
+  parsed = times.parse_times(np.array(values, dtype=np.float64) if kinds <= _NUMBER_TYPES and values
+                             else np.array(values, dtype=object))
+  if parsed.bad.any():
+    i = int(np.argmax(parsed.bad))
+    if type(values[i]) is str:
+      _fail(f'{values[i]!r} is not a time ({_TIME_FORMS}, or unix seconds); text without an offset is read '
+            'as UTC', 'time', window, i, 'time')
+    _fail(f'{values[i]!r} is not unix seconds in [0, {_MAX_UNIX_SECONDS}] (milliseconds? send seconds)',
+          'time', window, i, 'time')
+  return parsed.ns
 
 
-def validate_arrays(time_ns: np.ndarray, ohlcv: np.ndarray, *, window: Optional[int] = None) -> None:
-  """Vectorised candle rules on time int64 [N], ohlcv float [N, 5]; raises InvalidRequest on the first."""
-  def first(mask) -> int:
-    return int(np.argmax(mask))
+def validate_arrays(time_ns: np.ndarray, ohlcv: np.ndarray, *, window: Optional[int] = None,
+                    point: Optional[float] = None) -> None:
+  """The candle rules (natron.data.rules.candle_violations) on time int64 [N] (ns, UTC) and ohlcv float
+  [N, 5]; raises InvalidRequest naming the first offending candle, its field and the rule id.
 
-  finite = np.isfinite(ohlcv)
-  if not finite.all():
-    i, j = divmod(first(~finite.ravel()), 5)
-    _fail(f'{ohlcv[i, j]!r} is not finite', 'not_finite', window, i, PRICE_FIELDS[j])
-  prices = ohlcv[:, :4]
-  if (prices <= 0).any():
-    i, j = divmod(first((prices <= 0).ravel()), 4)
-    _fail(f'{PRICE_FIELDS[j]} must be > 0, got {prices[i, j]!r}', 'price_positive', window, i,
-          PRICE_FIELDS[j])
-  if (ohlcv[:, 4] < 0).any():
-    i = first(ohlcv[:, 4] < 0)
-    _fail(f'volume must be >= 0, got {ohlcv[i, 4]!r}', 'volume_negative', window, i, 'volume')
-  o, h, l, c = prices.T
-  body_top, body_bottom = np.maximum(o, c), np.minimum(o, c)
-  high_bad = h < body_top   # with low <= min(open, close) this also gives high >= low
-  if high_bad.any():
-    i = first(high_bad)
-    _fail(f'high {h[i]!r} is below max(open, close) = {body_top[i]!r}', 'high_low', window, i, 'high')
-  low_bad = l > body_bottom
-  if low_bad.any():
-    i = first(low_bad)
-    _fail(f'low {l[i]!r} is above min(open, close) = {body_bottom[i]!r}', 'high_low', window, i, 'low')
-  step = np.diff(time_ns)
-  if (step <= 0).any():
-    i = first(step <= 0) + 1
-    kind = 'duplicates' if step[i - 1] == 0 else 'is earlier than'
+  `point`: also require prices on that quote grid (rule off_grid).
+  """
+  ohlcv = np.asarray(ohlcv)
+  found = rules.first_violation(rules.candle_violations(time_ns, *ohlcv.T[:5], point=point))
+  if found is None:
+    return
+  v, i = found
+  o, h, l, c, vol = (ohlcv[i, j] for j in range(5))
+  if v.rule == 'not_finite':
+    _fail(f'{ohlcv[i, PRICE_FIELDS.index(v.field)]!r} is not finite', v.rule, window, i, v.field)
+  if v.rule == 'price_positive':
+    j = int(np.argmax(ohlcv[i, :4] <= 0))
+    _fail(f'{PRICE_FIELDS[j]} must be > 0, got {ohlcv[i, j]!r}', v.rule, window, i, PRICE_FIELDS[j])
+  if v.text == rules.HIGH:
+    _fail(f'high {h!r} is below max(open, close) = {max(o, c)!r}', v.rule, window, i, 'high')
+  if v.text == rules.LOW:
+    _fail(f'low {l!r} is above min(open, close) = {min(o, c)!r}', v.rule, window, i, 'low')
+  if v.rule == 'volume_negative':
+    _fail(f'volume must be >= 0, got {vol!r}', v.rule, window, i, 'volume')
+  if v.rule == 'off_grid':
+    j = int(np.argmax(grid.off_grid(ohlcv[i, :4], point)))
+    _fail(f'{PRICE_FIELDS[j]} {ohlcv[i, j]!r} is not a multiple of point={point:g} (the instrument\'s price '
+          'increment)', v.rule, window, i, PRICE_FIELDS[j])
+  if v.rule == 'time_order':
+    kind = 'duplicates' if v.text == rules.TIME_REPEAT else 'is earlier than'
     _fail(f'time {iso_time(time_ns[i])} {kind} the previous candle\'s {iso_time(time_ns[i - 1])}; times must '
-          'strictly increase', 'time_order', window, i, 'time')
+          'strictly increase', v.rule, window, i, 'time')
+  _fail(f'breaks the rule {v.text!r}', v.rule, window, i, v.field)
 
 
-def iso_time(ns) -> str:
-  """int64 ns since the epoch -> '2024-01-02T15:00:00Z' (fractions kept when present)."""
-  text = str(np.datetime64(int(ns), 'ns'))
-  return (text[:-10] if text.endswith('.000000000') else text.rstrip('0')) + 'Z'
+iso_time = times.iso_utc   # int64 ns since the epoch -> '2024-01-02T15:00:00Z'
 
 
-def parse_candles(items: Any, *, min_count: int, max_count: int, window: Optional[int] = None) -> Candles:
-  """A JSON list of candle objects -> validated Candles. min/max_count bound its length."""
+def parse_candles(items: Any, *, min_count: int, max_count: int, window: Optional[int] = None,
+                  point: Optional[float] = None) -> Candles:
+  """A JSON list of candle objects -> validated Candles. min/max_count bound its length; `point`, when
+  given, is the quote grid the prices must lie on."""
   if not isinstance(items, list):
     _fail(f'expected a list of candle objects, got {type(items).__name__}', 'fields', window)
   n = len(items)
@@ -230,8 +229,8 @@ def parse_candles(items: Any, *, min_count: int, max_count: int, window: Optiona
   columns = list(zip(*rows)) if rows else [()] * len(CANDLE_FIELDS)
   ohlcv = _parse_numbers(columns[1:], window)
   time_ns = _parse_times(columns[0], window)
-  validate_arrays(time_ns, ohlcv, window=window)
-  return Candles(time=time_ns, ohlcv=ohlcv.astype(np.float32))
+  validate_arrays(time_ns, ohlcv, window=window, point=point)
+  return Candles(time=time_ns, ohlcv=ohlcv)
 
 
 def parse_candle(item: Any) -> Candles:
@@ -258,10 +257,11 @@ def body_object(payload: Any, allowed: tuple[str, ...]) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 class Candle(BaseModel):
-  """One OHLCV bar. `time` is unix seconds or an ISO-8601 string (UTC when no offset is given)."""
+  """One OHLCV bar. `time` is UTC: unix seconds, or a time string (read as UTC when it has no offset)."""
   model_config = ConfigDict(extra='forbid')
-  time: Union[float, str] = Field(description='Bar open time: unix seconds, or ISO-8601 (e.g. '
-                                              '"2024-01-02T15:00:00Z").')
+  time: Union[float, str] = Field(description='Bar open time in UTC: unix seconds, or text such as '
+                                              '"2024-01-02T15:00:00Z", "2024-01-02 17:00:00+02:00" (converted), '
+                                              '"2024.01.02 15:00:00" or "2024-01-02 15:00:00" (no offset: UTC).')
   open: float = Field(gt=0)
   high: float = Field(gt=0, description='>= max(open, close)')
   low: float = Field(gt=0, description='<= min(open, close)')
@@ -286,8 +286,9 @@ class BatchPredictRequest(BaseModel):
 
 class Prediction(BaseModel):
   """Every head's output for the window ending at `time` (the last candle's time)."""
-  time: str = Field(description='ISO-8601 UTC time of the last candle: the bar the prediction is for.')
-  timestamp: int = Field(description='The same time in unix seconds (what the MT5 EA compares).')
+  time: str = Field(description='ISO-8601 UTC time (with Z) of the last candle: the bar the prediction is for.')
+  timestamp: int = Field(description='The same time in unix seconds, UTC (what the MT5 EA compares, after '
+                                     'converting back to server time).')
   buy_prob: float
   sell_prob: float
   direction: Literal['UP', 'DOWN', 'NEUTRAL']
