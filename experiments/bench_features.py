@@ -4,16 +4,25 @@ r"""Speed of data loading and of the feature engine; prints one JSON document (i
   python experiments/bench_features.py --one_thread        # pin to one core, one XLA thread
   python experiments/bench_features.py --bars=100000 --latency_calls=50 --skip=csv   # quick look
 
-Measures, on the synthetic market (`natron.data.synthetic_market`, 15-minute bars):
+Measures, on the synthetic market (`natron.data.synthetic_market`, 15-minute bars, quantised to the 1e-5 grid
+when it is not on a grid already), with prices IN POINTS (`natron.data.grid.to_ticks`, issue 9):
 - `csv_load`: `natron.data.load_ohlcv` on a CSV of `--bars` rows written to a temp dir (parse + validate);
-- `compute_features`: the jitted core `compute_features_jax` on `--bars` bars, compile time (lower + compile)
-  and steady-state time separately, plus the numpy wrapper `compute_features` end to end;
+- `compute_features`: the jitted core `compute_features_jax` on `--bars` bars of ticks, compile time (lower +
+  compile) and steady-state time separately, plus the numpy wrapper `compute_features` end to end (validation,
+  point inference, price -> points conversion, the core, transfer back), and the conversion alone
+  (`to_points`: the cost of the fix);
 - `talib` vs `natron_indicators`: the 17 TA-Lib-covered indicators of `natron.features.indicators` (SMA, EMA,
   RSI, ATR, NATR, ADX, PLUS_DI, MINUS_DI, CCI, MFI, OBV, WILLR, ROC, MACD, BBANDS, STOCH, AROON) at TA-Lib's
   default periods: TA-Lib (float64, single-threaded C) in total and per indicator, and ours fused in one jit
   (float32; +DI, -DI and ADX from the one-pass `dmi`) with its compile time, plus per indicator;
 - `serving_latency`: the jitted `compute_features_jax` on one serving window of WARMUP + 96 bars, called
-  `--latency_calls` times with numpy inputs after compile: median and p99.
+  `--latency_calls` times with numpy inputs after compile: median and p99; plus the window's price -> points
+  conversion (`to_points` with the point given, as a server that knows the symbol's point does);
+- `parity`: max scaled error (tests/test_indicators.py's measure: |a - b| / max(|b|, scale) after 10 x period)
+  of each TA-Lib-defined indicator on generated quote grids (1e-5 at 1.1 with 200,000 bars, 1e-3 at 150, 1e-2
+  at 50 and at 3000): ours on ticks vs TA-Lib float64 on ticks (what we match), TA-Lib on the raw float64
+  quotes vs TA-Lib on ticks (float64 itself breaks grid ties in ADX/DI), and the old path (ours on float32
+  prices) vs TA-Lib on ticks.
 Steady-state figures are medians of `--repeats` calls. Absolute times drift on shared machines: compare
 ratios taken in the same run.
 """
@@ -28,7 +37,7 @@ _PARSER.add_argument('--repeats', type=int, default=3, help='steady-state calls 
 _PARSER.add_argument('--latency_calls', type=int, default=200, help='calls for the serving-window latency')
 _PARSER.add_argument('--one_thread', action='store_true', help='pin to one core and one XLA thread')
 _PARSER.add_argument('--skip', default='',
-                     help='comma-separated parts to skip: csv,features,indicators,latency')
+                     help='comma-separated parts to skip: csv,features,indicators,latency,parity')
 ARGS = _PARSER.parse_args()
 if ARGS.one_thread:
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -60,15 +69,41 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
   return float(np.median(times)), times
 
 
+def cpu_model() -> str:
+  """The CPU's model name (lscpu / /proc/cpuinfo), e.g. 'Intel(R) Xeon(R) Processor'."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or 'unknown'
+
+
 def ms(seconds: float) -> float:
   return round(seconds * 1e3, 3)
 
 
 def market_arrays(n_bars: int):
-  """(frame, dict of float64 OHLCV arrays) from the synthetic market."""
-  from natron.data import synthetic_market
+  """(frame, dict of float64 OHLCV quotes on a grid) from the synthetic market."""
+  from natron.data import grid, synthetic_market
   frame, _ = synthetic_market(n_bars, seed=0)
+  prices = ('open', 'high', 'low', 'close')
+  try:
+    grid.infer_point(frame[list(prices)].to_numpy())
+  except grid.GridError:   # a continuous synthetic market: quote it to 5 decimals, as a feed would
+    for k in prices:
+      frame[k] = np.round(frame[k], 5)
+    frame['volume'] = np.round(frame['volume'])
   return frame, {k: frame[k].to_numpy(np.float64) for k in ('open', 'high', 'low', 'close', 'volume')}
+
+
+def tick_arrays(arrays: dict) -> dict:
+  """The same bars with prices in points (float32 exact integers) and float32 volume."""
+  import natron.features as nf
+  cols, _ = nf.to_points(arrays)
+  return dict(zip(('open', 'high', 'low', 'close', 'volume'), cols))
 
 
 # ------------------------------------------------------------------------------------------------ CSV load
@@ -95,7 +130,8 @@ def bench_csv(frame, repeats: int) -> dict:
 
 def bench_features(arrays: dict, repeats: int) -> dict:
   import natron.features as nf
-  cols = [np.asarray(arrays[k], np.float32) for k in ('open', 'high', 'low', 'close', 'volume')]
+  ticks = tick_arrays(arrays)
+  cols = [ticks[k] for k in ('open', 'high', 'low', 'close', 'volume')]
   t0 = time.perf_counter()
   lowered = jax.jit(nf.compute_features_jax).lower(*cols)
   trace_s = time.perf_counter() - t0
@@ -104,14 +140,18 @@ def bench_features(arrays: dict, repeats: int) -> dict:
   compile_s = time.perf_counter() - t0
   jax.block_until_ready(compiled(*cols))
   steady_s, times = median_time(lambda: compiled(*cols), repeats)
-  # The numpy wrapper (validation, float32 cast, transfer back): compile it first, then time it.
+  # The numpy wrapper (validation, point inference, price -> points, transfer back): compile first, then time.
   nf.compute_features(arrays)
-  wrapper_s, _ = median_time(lambda: nf.compute_features(arrays)[0], repeats)
+  wrapper_s, wrapper_all = median_time(lambda: nf.compute_features(arrays)[0], repeats)
+  convert_s, _ = median_time(lambda: nf.to_points(arrays)[0], repeats)
+  convert_given_s, _ = median_time(lambda: nf.to_points(arrays, point=1e-5)[0], repeats)
   x = np.asarray(compiled(*cols))
   return {'bars': len(cols[0]), 'num_features': int(x.shape[1]), 'warmup': int(nf.WARMUP),
           'trace_s': round(trace_s, 2), 'compile_s': round(compile_s, 2),
           'compile_total_s': round(trace_s + compile_s, 2), 'steady_ms_median': ms(steady_s),
           'steady_ms_all': [ms(t) for t in times], 'wrapper_ms_median': ms(wrapper_s),
+          'wrapper_ms_all': [ms(t) for t in wrapper_all], 'to_points_ms_inferred_point': ms(convert_s),
+          'to_points_ms_given_point': ms(convert_given_s),
           'nan_free_after_warmup': bool(np.isfinite(x[nf.WARMUP:]).all())}
 
 
@@ -158,8 +198,9 @@ def fused_indicators(h, l, c, v):
 
 def bench_indicators(arrays: dict, repeats: int) -> dict:
   import talib
-  m64 = {k: np.ascontiguousarray(a, np.float64) for k, a in arrays.items()}
-  cols32 = [jax.device_put(np.asarray(arrays[k], np.float32)) for k in ('high', 'low', 'close', 'volume')]
+  ticks = tick_arrays(arrays)
+  m64 = {k: np.ascontiguousarray(a, np.float64) for k, a in ticks.items()}   # TA-Lib on price / point
+  cols32 = [jax.device_put(ticks[k]) for k in ('high', 'low', 'close', 'volume')]
   per_talib = {k: median_time(f, repeats)[0] for k, f in talib_calls(m64).items()}
   talib_total, _ = median_time(lambda: [f() for f in talib_calls(m64).values()], repeats)
 
@@ -189,8 +230,8 @@ def bench_indicators(arrays: dict, repeats: int) -> dict:
 def bench_latency(arrays: dict, calls: int) -> dict:
   import natron.features as nf
   n = nf.WARMUP + 96
-  window = [np.ascontiguousarray(np.asarray(arrays[k][-n:], np.float32))
-            for k in ('open', 'high', 'low', 'close', 'volume')]
+  raw = {k: np.ascontiguousarray(arrays[k][-n:]) for k in ('open', 'high', 'low', 'close', 'volume')}
+  window = list(nf.to_points(raw, point=1e-5)[0])
   t0 = time.perf_counter()
   core = jax.jit(nf.compute_features_jax).lower(*window).compile()
   compile_s = time.perf_counter() - t0
@@ -202,14 +243,48 @@ def bench_latency(arrays: dict, calls: int) -> dict:
     jax.block_until_ready(core(*window))
     times.append(time.perf_counter() - t0)
   times = np.asarray(times)
+  convert = []
+  for _ in range(calls):
+    t0 = time.perf_counter()
+    nf.to_points(raw, point=1e-5)
+    convert.append(time.perf_counter() - t0)
   return {'window_bars': n, 'calls': calls, 'compile_s': round(compile_s, 2),
           'median_ms': ms(float(np.median(times))), 'p99_ms': ms(float(np.percentile(times, 99))),
-          'min_ms': ms(float(times.min()))}
+          'min_ms': ms(float(times.min())), 'to_points_median_ms': ms(float(np.median(convert))),
+          'with_to_points_median_ms': ms(float(np.median(times) + np.median(convert)))}
+
+
+# ---------------------------------------------------------------------------------- parity on quote grids
+
+def bench_parity() -> dict:
+  """Max scaled error per indicator and grid (see the module docstring); uses the test suite's generator."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'))
+  import test_indicators as ti  # pylint: disable=g-import-not-at-top
+  out = {}
+  for i, (grid_name, (price, point)) in enumerate(ti.GRIDS.items()):
+    n = ti.LONG_BARS if point == 1e-5 else ti.GRID_BARS
+    ticks, prices = ti.grid_market(n, price, point, seed=i)
+    f32 = {k: v.astype(np.float32) for k, v in prices.items()}
+    rows = {}
+    for name in ti.TALIB_DEFINED:
+      talib_fn, ours_fn, _, _, unit = ti.SPECS[name]
+      worst = lambda errs: float(f'{max(e for e, _ in errs):.2e}')
+      old = ti._outputs(ours_fn(f32))
+      rows[name] = {
+          'ours_vs_talib_ticks': worst(ti.scaled_errors(name, ticks, ti._outputs(ours_fn(ticks)))),
+          'talib_raw_quotes_vs_talib_ticks': worst(ti.scaled_errors(
+              name, ticks, tuple(o / point for o in ti._outputs(talib_fn(prices))) if unit
+              else ti._outputs(talib_fn(prices)))),
+          'old_float32_prices_vs_talib_ticks': worst(ti.scaled_errors(
+              name, ticks, tuple(o / point for o in old) if unit else old)),
+      }
+    out[f'{grid_name} ({n} bars, point {point:g})'] = rows
+  return out
 
 
 def main():
   skip = {s.strip() for s in ARGS.skip.split(',') if s.strip()}
-  unknown = skip - {'csv', 'features', 'indicators', 'latency'}
+  unknown = skip - {'csv', 'features', 'indicators', 'latency', 'parity'}
   if unknown:
     raise SystemExit(f'--skip: unknown part(s) {sorted(unknown)}')
   t0 = time.perf_counter()
@@ -218,7 +293,8 @@ def main():
       'benchmark': 'features', 'bars': ARGS.bars, 'repeats': ARGS.repeats,
       'synthetic_market_s': round(time.perf_counter() - t0, 2),
       'env': {'jax': jax.__version__, 'device': str(jax.devices()[0]), 'platform': jax.default_backend(),
-              'cpu': platform.processor() or platform.machine(), 'cores_visible': os.cpu_count(),
+              'cpu': platform.processor() or platform.machine(), 'cpu_model': cpu_model(),
+              'cores_visible': os.cpu_count(),
               'cores_usable': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None,
               'one_thread': ARGS.one_thread, 'python': platform.python_version(),
               'load_avg_1m_at_start': round(os.getloadavg()[0], 2)},
@@ -226,7 +302,8 @@ def main():
   parts = {'csv': lambda: bench_csv(frame, ARGS.repeats),
            'features': lambda: bench_features(arrays, ARGS.repeats),
            'indicators': lambda: bench_indicators(arrays, ARGS.repeats),
-           'latency': lambda: bench_latency(arrays, ARGS.latency_calls)}
+           'latency': lambda: bench_latency(arrays, ARGS.latency_calls),
+           'parity': bench_parity}
   for name, run in parts.items():
     if name in skip:
       result[name] = 'skipped (--skip)'

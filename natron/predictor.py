@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from natron import checkpoint
+from natron.data import grid
 from natron.errors import UserError
 from natron.model import NatronModel
 
@@ -80,8 +81,28 @@ def _softmax_heads(out: Mapping[str, jax.Array]) -> dict:
   }
 
 
+def candles_in_points(candles: np.ndarray, point: Optional[float] = None) -> np.ndarray:
+  """Raw candles [..., N, 5] (prices in price units) -> float32 with the four prices in points (exact integers).
+
+  The feature graph differences and compares price levels, which float32 holds exactly only as grid integers
+  (natron.data.grid). `point`: the instrument's price increment; None infers it per series (window) from its
+  quotes' decimals, which gives the same features (they are scale-free). Raises GridError off the grid.
+  """
+  candles = np.asarray(candles)
+  if candles.dtype not in (np.float32, np.float64):
+    candles = candles.astype(np.float64)
+  out = np.empty(candles.shape, np.float32)
+  out[..., 4] = candles[..., 4]
+  series = candles.reshape((-1,) + candles.shape[-2:])
+  target = out.reshape((-1,) + out.shape[-2:])
+  for i, one in enumerate(series):
+    prices = one[:, :4]
+    target[i, :, :4] = grid.to_ticks(prices, grid.infer_point(prices) if point is None else point)
+  return out
+
+
 def _features_jax(candles: jax.Array) -> jax.Array:
-  """candles float32 [R, 5] (open, high, low, close, volume) -> features float32 [R, F]."""
+  """candles float32 [R, 5] (open, high, low, close in POINTS, volume) -> features float32 [R, F]."""
   from natron.features import compute_features_jax   # pylint: disable=g-import-not-at-top
   return compute_features_jax(*(candles[:, i] for i in range(5)))
 
@@ -205,14 +226,16 @@ class Predictor:
       parts.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], out))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  def predict(self, candles, times=None) -> dict:
+  def predict(self, candles, times=None, point: Optional[float] = None) -> dict:
     """Predictions for windows of raw candles.
 
-    candles: float [B, N, 5] or [N, 5] (open, high, low, close, volume; oldest first), N >= required_candles
+    candles: float [B, N, 5] or [N, 5] (open, high, low, close, volume; oldest first; prices in price units on
+      the quote grid: float64 keeps any grid exact, float32 only below ~2**22 points), N >= required_candles
       (only the last required_candles are used). times: optional [B] bar times of the last candles (any
-      numpy/pandas datetime, or int64 ns). Returns `finish(...)`'s dict of numpy arrays, one row per window.
+      numpy/pandas datetime, or int64 ns). point: the price increment (None: inferred per window).
+      Returns `finish(...)`'s dict of numpy arrays, one row per window.
     """
-    candles = np.asarray(candles, np.float32)
+    candles = np.asarray(candles)
     if candles.ndim == 2:
       candles = candles[None]
     if candles.ndim != 3 or candles.shape[-1] != 5:
@@ -226,19 +249,19 @@ class Predictor:
       raise UserError('No windows to predict.')
     if not self.buckets:
       raise UserError('This Predictor was built without batch buckets; load it with buckets=(1, ...).')
-    raw = self._run_bucketed(np.ascontiguousarray(candles[:, -self.required_candles:]))
+    raw = self._run_bucketed(candles_in_points(candles[:, -self.required_candles:], point))
     return self.finish(raw, times=times)
 
-  def predict_recent(self, candles, times=None) -> dict:
+  def predict_recent(self, candles, times=None, point: Optional[float] = None) -> dict:
     """Predictions for every bar t >= R - 1 of one series of raw candles [N, 5] -> N - R + 1 rows.
 
     Row k is the prediction for bar R - 1 + k, from the R candles ending there (what /predict would return,
     to float32 rounding), computed in compiled chunks of `series_chunk` windows: no compile per request.
-    times: optional [N] bar times (row k gets times[R - 1 + k]).
+    times: optional [N] bar times (row k gets times[R - 1 + k]). point: as in `predict` (one per series).
     """
     if self._chunk is None:
       raise UserError('This Predictor was built with series_chunk=0; predict_recent is unavailable.')
-    candles = np.asarray(candles, np.float32)
+    candles = np.asarray(candles)
     r, c = self.required_candles, self.series_chunk
     if candles.ndim != 2 or candles.shape[1] != 5:
       raise UserError(f'Expected one series of candles [N, 5], got shape {candles.shape}.')
@@ -246,6 +269,7 @@ class Predictor:
       raise TooFewCandles(f'{len(candles)} candles is too few: this model needs {r} (window {self.window} + '
                           f'feature warm-up {self.warmup}) for one prediction.')
     n_out = len(candles) - r + 1
+    candles = candles_in_points(candles, point)
     parts = []
     for start in range(0, n_out, c):
       chunk = candles[start:start + r + c - 1]
@@ -286,10 +310,16 @@ class Predictor:
     windows = jax.vmap(lambda e: jax.lax.dynamic_slice_in_dim(scaled, e - self.window + 1, self.window))(ends)
     return _softmax_heads(self._model.apply({'params': params}, windows, train=False))
 
-  def series_features(self, frame) -> np.ndarray:
-    """Scaled features float32 [T, F] of a whole series, exactly as natron.dataset computes them."""
+  def series_features(self, frame, point: Optional[float] = None) -> np.ndarray:
+    """Scaled features float32 [T, F] of a whole series, exactly as natron.dataset computes them.
+
+    point: the price increment; None: the frame's attrs['point'] (set by natron.data), else inferred.
+    """
     from natron.features import compute_features   # pylint: disable=g-import-not-at-top
-    features, names = compute_features({k: np.asarray(_column(frame, k), np.float64) for k in OHLCV})
+    if point is None and hasattr(frame, 'attrs'):
+      point = frame.attrs.get('point')
+    features, names = compute_features({k: np.asarray(_column(frame, k), np.float64) for k in OHLCV},
+                                       point=point)
     if list(names) != self.feature_names:
       raise checkpoint.CheckpointError('The feature names computed now differ from the bundle\'s; the '
                                        'feature schema changed since training.')

@@ -1,7 +1,16 @@
 """Natron's feature engine: OHLCV -> a causal, scale-free float32 feature matrix [T, F] in pure JAX.
 
 `compute_features_jax(o, h, l, c, v)` is the jittable core (the Predictor calls it inside its one jitted
-function); `compute_features(ohlcv)` is the numpy wrapper used by the phases, jitted once per input length.
+function); `compute_features(ohlcv, point=None)` is the numpy wrapper used by the phases, jitted once per input
+length.
+
+Prices enter the core IN POINTS (`natron.data.grid.to_ticks`: price / point as exact float32 integers), never
+as float32 price levels: at 1.1 float32 resolves 1.2e-7 (about 1% of a 5-digit point), so equal moves, flat
+bars and equal highs would stop being equal (DESIGN.md rule 4). Integers below 2**24 are exact in float32, and
+so are their differences and comparisons, so every tie on the quote grid stays a tie. Every feature is
+scale-free, so the point itself does not matter (any grid the prices lie on gives the same features up to
+float32 rounding), only that the inputs are exact integers. `compute_features` does the conversion (in float64
+numpy); callers of `compute_features_jax` (the Predictor) must convert with `to_ticks` first.
 
 Eleven categories, one module each (`natron.features.<category>`), each exposing `NAMES`, `WARMUP` (its own
 look-back) and `compute(o, h, l, c, v, *, atr=None) -> (names, columns)`. Every feature is scale-free
@@ -23,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from natron.data import grid
+from natron.data import rules as data_rules
 from natron.errors import UserError
 from natron.features import indicators
 from natron.features import market_profile
@@ -76,7 +87,10 @@ def feature_schema_hash() -> str:
 def compute_features_jax(o, h, l, c, v) -> jax.Array:
   """The feature matrix float32 [T, F] of 1-D OHLCV series [T] (jittable; T is static).
 
-  Columns follow FEATURE_NAMES; rows t < WARMUP are NaN (all rows when T <= WARMUP).
+  o, h, l, c are prices IN POINTS, exact float32 integers below 2**24 (`natron.data.grid.to_ticks`); v is the
+  volume (any non-negative scale). Columns follow FEATURE_NAMES; rows t < WARMUP are NaN (all rows when
+  T <= WARMUP). Float32 price levels (1.12345 rather than 112345) give the same features only up to the
+  rounding of the levels, which breaks grid ties (equal moves, flat bars, equal highs).
   """
   o, h, l, c, v = (jnp.asarray(x, jnp.float32) for x in (o, h, l, c, v))
   t_len = c.shape[0]
@@ -98,7 +112,7 @@ _compute_jit = jax.jit(compute_features_jax)   # jax caches one executable per i
 
 
 def _arrays(ohlcv) -> tuple[np.ndarray, ...]:
-  """(open, high, low, close, volume) float32 [T] from a DataFrame, a mapping or a 5-tuple of arrays."""
+  """(open, high, low, close, volume) float64 [T] from a DataFrame, a mapping or a 5-tuple of arrays."""
   if hasattr(ohlcv, 'columns'):           # a pandas DataFrame
     if 'symbol' in ohlcv.columns and ohlcv['symbol'].nunique() > 1:
       raise UserError('compute_features got several symbols in one frame; compute them one symbol at a time '
@@ -125,31 +139,62 @@ def _arrays(ohlcv) -> tuple[np.ndarray, ...]:
       raise UserError(f'compute_features: column {name!r} is not numeric ({e})') from None
     if a.ndim != 1:
       raise UserError(f'compute_features: column {name!r} must be 1-D, got shape {a.shape}')
-    bad = np.flatnonzero(~np.isfinite(a))
-    if bad.size:
-      raise UserError(f'compute_features: column {name!r} has {bad.size} non-finite value(s), first at row '
-                      f'{bad[0]}')
-    nonpositive = np.flatnonzero(a < 0) if name == 'volume' else np.flatnonzero(a <= 0)
-    if nonpositive.size:
-      rule = 'negative' if name == 'volume' else 'non-positive'
-      raise UserError(f'compute_features: column {name!r} has {nonpositive.size} {rule} value(s), first at row '
-                      f'{nonpositive[0]}')
-    out.append(a.astype(np.float32))
+    out.append(a)
   if len({a.shape[0] for a in out}) > 1:
     raise UserError(f'compute_features: columns have different lengths {[a.shape[0] for a in out]}')
+  # The one definition of a valid candle (natron.data.rules), as ingestion and serving apply it.
+  found = data_rules.first_violation(data_rules.candle_violations(None, *out))
+  if found is not None:
+    violation, row = found
+    column = f' (column {violation.field!r})' if violation.field else ''
+    raise UserError(f'compute_features: rule {violation.text!r} broken in {violation.rows.size} row(s){column}, '
+                    f'first at row {row}')
   return tuple(out)
 
 
-def compute_features(ohlcv) -> tuple[np.ndarray, list[str]]:
+def to_points(ohlcv, point=None) -> tuple[tuple[np.ndarray, ...], float]:
+  """((open, high, low, close in points as exact float32 integers, volume float32), each [T]; the point).
+
+  `point`: the price increment; None takes a DataFrame's `attrs['point']`, else the coarsest decimal grid
+  that all four price columns lie on (`grid.infer_point`). Same input forms and checks as `compute_features`;
+  raises GridError (a UserError) for prices that are off the grid or too fine for float32.
+  """
+  *prices, volume = _arrays(ohlcv)
+  if point is None and hasattr(ohlcv, 'attrs'):
+    point = ohlcv.attrs.get('point')
+    if isinstance(point, Mapping):   # {symbol: point} of a multi-symbol frame: this frame's one symbol
+      symbols = ohlcv['symbol'].unique() if 'symbol' in ohlcv.columns else ()
+      point = point.get(symbols[0]) if len(symbols) == 1 else None
+  volume = volume.astype(np.float32)
+  if point is not None:
+    return tuple(grid.to_ticks(p, point) for p in prices) + (volume,), grid.check_point(point)
+  # Inference over every price is ~6 float64 passes per candidate grid (~0.3 s on 1M bars). A strided sample
+  # proposes the grid and `to_ticks` verifies it on every price, so the answer is the same: grids are nested
+  # (10**-k), the sample's coarsest grid is at least as coarse as the full series', and if every price lies on
+  # it, it is the full series' coarsest grid too. On a miss the full inference runs (and words the error).
+  stride = max(1, prices[0].size // 4096)
+  try:
+    point = grid.infer_point(np.concatenate([p[::stride] for p in prices]))
+    return tuple(grid.to_ticks(p, point) for p in prices) + (volume,), point
+  except grid.GridError:
+    point = grid.infer_point(np.concatenate(prices))
+    return tuple(grid.to_ticks(p, point) for p in prices) + (volume,), point
+
+
+def compute_features(ohlcv, point=None) -> tuple[np.ndarray, list[str]]:
   """Feature matrix of one symbol's bars: (float32 [T, F], names). Rows t < WARMUP are NaN.
 
   `ohlcv`: a DataFrame with columns open, high, low, close, volume (one symbol), a mapping with those keys,
-  or a tuple (open, high, low, close, volume) of 1-D arrays. Raises UserError on malformed input.
+  or a tuple (open, high, low, close, volume) of 1-D arrays. `point`: the quote grid (price increment, e.g.
+  1e-5 for EURUSD); None takes a DataFrame's `attrs['point']`, else infers it from the four price columns.
+  Prices are converted to points (exact integers) in float64 before the float32 core. Raises UserError on
+  malformed input, GridError (a UserError) for prices that are not on the grid.
   """
-  arrays = _arrays(ohlcv)
+  arrays, _ = to_points(ohlcv, point)
   x = np.asarray(_compute_jit(*arrays))
   return x, list(FEATURE_NAMES)
 
 
 __all__ = ['CATEGORIES', 'CATEGORY_COUNTS', 'CATEGORY_OF', 'FEATURES_VERSION', 'FEATURE_NAMES', 'LOOKBACK',
-           'NUM_FEATURES', 'WARMUP', 'compute_features', 'compute_features_jax', 'feature_schema_hash']
+           'NUM_FEATURES', 'WARMUP', 'compute_features', 'compute_features_jax', 'feature_schema_hash',
+           'to_points']

@@ -13,14 +13,30 @@ Definitions follow TA-Lib 0.6+/0.8 with default settings (SMA matype, unstable p
 - Population standard deviation in BBANDS (default period 20, as TA-Lib 0.6+); mean absolute deviation
   and 0.015 in CCI; AROON over n+1 bars with ties going to the most recent bar; OBV starts at volume[0]
   and is unchanged on equal closes.
-- Degenerate denominators give TA-Lib's value (0 for RSI/DI/WILLR/STOCH/CCI/ROC on flat input, MFI 0 when the
-  window's money flow is < 1, ADX unchanged when DX is undefined).
+- Degenerate denominators give TA-Lib 0.8's value: 0 for RSI/DI/WILLR/STOCH/CCI/ROC/MFI on flat input, ADX
+  unchanged when DX is undefined. TA-Lib 0.8 (fix #253/#244) tests the RSI gain+loss total, the DI running
+  true-range sum and the MFI money-flow total EXACTLY against zero (older releases used a fixed 1e-8 band, or
+  `total < 1` for MFI, which zeroed any instrument quoted small enough); the +DI + -DI sum, a ratio, keeps
+  the fixed band TA_EPSILON = 1e-14. CCI/STOCH/WILLR use a band scaled to the price level (~1e-14 relative),
+  which on exact tick inputs is the same as our exact zero test.
+
+Inputs on a quote grid (what we match): prices IN POINTS, price / point as exact float32 integers below 2**24
+(`natron.data.grid.to_ticks`, as `natron.features.compute_features` passes them). Then every difference,
+tie and comparison of prices is exact: equal directional moves stay equal (+DM/-DM), a flat typical price
+stays flat (MFI), equal highs stay equal (AROON). Every indicator equals TA-Lib run in float64 on the same
+tick values (price / point) to ~1e-6 relative (float32 rounding of the smoothed values), tested on series
+quantised to real grids. TA-Lib on the raw float64 QUOTES is not the same thing: float64 differences of
+decimal quotes are not exact (1.10003 - 1.10000 != 1.09990 - 1.09987 in float64), so TA-Lib itself breaks grid
+ties there and its ADX/DI differ from TA-Lib on price / point by up to ~10 DI points (measured on generated
+grids: 9.5 on a 5-digit FX series, 14.5 on a 2-digit stock at 50); every other output agrees to ~1e-10. Unit-bearing outputs (SMA, EMA, ATR, MACD, BBANDS, TRANGE) are in
+points: multiply by the point for price units. Float32 price LEVELS (1.12345) as inputs would break ties.
 
 Precision (float32, DESIGN.md rule 4): windowed sums reduce the window itself (primitives), variances are
-two-pass, recursions are `lax.scan`s. Where float32 rounding of price LEVELS would swamp a small result, we
-work on exact float32 differences of nearby prices instead: CCI on deviations from the current close, MACD as
-the difference of two EMA deviations `x - EMA(x)` (recursion on `dx`), MFI's up/down test on the exact sign of
-the typical-price change. OBV is a cumulative sum by definition: it is accumulated in double-float32, so its
+two-pass, recursions are `lax.scan`s. Where float32 rounding of LEVELS would swamp a small result (also for
+inputs that are not on a grid), we work on differences of nearby prices instead: CCI on deviations from the
+current close, MACD as the difference of two EMA deviations `x - EMA(x)` (recursion on `dx`), MFI's up/down
+test on the sign of the typical-price change. A flat stretch longer than ~1,100 bars is the one divergence:
+the float32 Wilder averages (RSI, DI) underflow to 0 there and read 0, where float64 keeps the last ratio. OBV is a cumulative sum by definition: it is accumulated in double-float32, so its
 error stays at float32 rounding of its current level. Its LEVEL depends on where the series starts: use a
 windowed OBV change as a feature, never the level.
 
@@ -44,8 +60,8 @@ from natron.errors import UserError
 from natron.features import primitives as P
 
 NAN = jnp.nan
-# TA-Lib's TA_IS_ZERO: |x| < 1e-8 counts as zero for the RSI, DI and DX denominators.
-_TA_EPS = 1e-8
+# TA-Lib 0.8's TA_EPSILON: |+DI + -DI| < 1e-14 leaves DX undefined (the other zero tests are exact).
+_TA_EPS = 1e-14
 
 __all__ = [
     'sma', 'ema', 'rsi', 'atr', 'natr', 'adx', 'plus_di', 'minus_di', 'dmi', 'cci', 'mfi', 'obv', 'willr',
@@ -253,8 +269,8 @@ def rsi(close, timeperiod: int = 14) -> jax.Array:
     return tuple(y + alpha * (v - y) for y, v in zip(state, x_t))
 
   g, l = _recursion(update, (jnp.mean(gain[1:n + 1]), jnp.mean(loss[1:n + 1])), (gain, loss), n)
-  total = g + l
-  return _div0(100.0 * g, total, jnp.abs(total) < _TA_EPS)
+  total = g + l   # >= 0: zero only when nothing moved since the seed (TA-Lib 0.8 tests it exactly)
+  return _div0(100.0 * g, total, total <= 0)
 
 
 @_jit_static('timeperiod')
@@ -294,14 +310,14 @@ def _dmi_core(high, low, close, n: int):
   tr = true_range(high, low, close)
   alpha = jnp.float32(1.0 / n)
   # The running sum S (seeded with the SUM of rows 1..n-1, then S - S/n + x) is carried as A = S/n, an EMA
-  # with alpha 1/n; the DI ratios are unchanged and TA_IS_ZERO(S) becomes |n * A| < 1e-8.
+  # with alpha 1/n; the DI ratios are unchanged. TA-Lib 0.8 tests S > 0 exactly (S >= 0 by construction).
 
   def update(state, x_t):
     return tuple(y + alpha * (v - y) for y, v in zip(state, x_t))
 
   seeds = tuple(jnp.sum(a[1:n]) * alpha for a in (pdm, mdm, tr))
   p, m, r = _recursion(update, seeds, (pdm, mdm, tr), n - 1)
-  zero = jnp.abs(n * r) < _TA_EPS
+  zero = r <= 0
   pdi = _nan_before(_div0(100.0 * p, r, zero), n)
   mdi = _nan_before(_div0(100.0 * m, r, zero), n)
   total = pdi + mdi
@@ -403,8 +419,8 @@ def mfi(high, low, close, volume, timeperiod: int = 14) -> jax.Array:
   """TA-Lib MFI: 100 * positive / (positive + negative) money flow over n bars; first at n.
 
   Money flow = tp * volume with tp = (h + l + c) / 3, positive when tp rose, negative when it fell, neither
-  when it is unchanged (decided on the exact sign of the tp change, from price differences). As TA-Lib,
-  0 when the window's total money flow is < 1 (an absolute threshold: it matters for tiny volumes).
+  when it is unchanged (decided on the exact sign of the tp change, from price differences). As TA-Lib 0.8,
+  0 when the window received no money flow at all (the total, a sum of non-negative flows, is exactly 0).
   [T] x4 -> [T].
   """
   high, low, close, volume = _series(high, low, close, volume)
@@ -417,7 +433,7 @@ def mfi(high, low, close, volume, timeperiod: int = 14) -> jax.Array:
   pos = P.rolling_sum(jnp.where(move > 0, flow, 0.0)[1:], n)
   neg = P.rolling_sum(jnp.where(move < 0, flow, 0.0)[1:], n)
   total = pos + neg
-  value = _div0(100.0 * pos, total, total < 1.0)
+  value = _div0(100.0 * pos, total, total <= 0)
   return jnp.concatenate([jnp.full((1,), NAN, jnp.float32), _nan_before(value, n - 1)])
 
 

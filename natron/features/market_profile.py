@@ -46,15 +46,18 @@ def _cdf_rows(lo, row_w, l, inv, v, window: int, bins: int):
   per lag, with no division in it).
   """
   rows = lo.shape[0]
-  edges = jnp.arange(1, bins, dtype=jnp.float32)[:, None]                    # interior edges, in bins
+  # Interior edges above the row's grid low, [B-1, R]: e * width is exact on a quote grid (prices in points:
+  # width = (hi - lo) / bins is an integer over a power of two), computed once per block.
+  edge_levels = jnp.arange(1, bins, dtype=jnp.float32)[:, None] * row_w[None, :]
 
   def add_lag(j, below):
     # Lag k = window-1-j: the bars t-k for the block's rows t, as [R] slices.
     lk, ik, vk = (lax.dynamic_slice(x, (j,), (rows,)) for x in (l, inv, v))
-    # Volume of bar s below edge e: v * clip((lo + e * width - low) / range, 0, 1), as e * (width / range)
-    # - (low - lo) / range with differences of nearby prices; per element only a multiply-add and the clip.
-    slope, offset = row_w * ik, (lk - lo) * ik
-    return below + vk * jnp.clip(edges * slope - offset, 0.0, 1.0)
+    # Volume of bar s below edge e: v * clip((lo + e * width - low) / range, 0, 1). The difference
+    # e * width - (low - lo) is exact on the grid, so a bar starting exactly on an edge puts nothing below it
+    # and a zero-range bar (steep ramp) goes wholly to the bin its price lies in, as the definition says;
+    # per element a subtract, a multiply and the clip.
+    return below + vk * jnp.clip((edge_levels - (lk - lo)) * ik, 0.0, 1.0)
 
   return lax.fori_loop(0, window, add_lag, jnp.zeros((bins - 1, rows), jnp.float32))
 
@@ -81,8 +84,9 @@ def _histogram(h, l, v, window: int, bins: int, chunk: int | None):
   # A flat window (hi == lo) gets a tiny price-proportional width so every division stays finite.
   width = jnp.maximum((hi - lo) / bins, 1e-7 * jnp.abs(hi))
   # 1 / bar range, per bar (not per row and lag: no division in the inner loop). A zero-range bar gets the
-  # range 1e-10 of its price (a float32 range is never below ~6e-8 of it): all its volume at its price, up to
-  # a 1e-3-bin ramp, with every product finite at any price scale.
+  # range 1e-10 of its price (a real range is at least one point, >= 6e-8 of a price below 2**24 points): all
+  # its volume at its price (a bin edge exactly at its price counts it in the bin above, the bins being
+  # half-open), with every product finite at any price scale.
   inv = 1.0 / jnp.maximum(h - l, 1e-10 * h)
   n_chunks = -(-t_len // (CHUNK if chunk is None else chunk))
   chunk = -(-t_len // n_chunks)      # balanced blocks: at most n_chunks - 1 padded rows

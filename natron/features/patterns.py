@@ -9,6 +9,11 @@ Patterns are shape-only (no trend context is required, the model sees the trend 
 - three soldiers / crows: +1 for three consecutive bullish bars with rising closes and bodies >= 50% of their
   range, -1 mirrored.
 A bar with zero range (high == low) has zero body and wicks and is no pattern.
+
+Prices arrive in points (exact float32 integers, see `natron.features`), so bodies, wicks and ranges are exact
+integers and every threshold is tested in integers: `10 |body| <= range` rather than `|body| <= 0.1 range`
+(0.1 is not a float32 number, so a body of exactly 10% could fall on either side). A doji is exactly a bar
+whose body is at most a tenth of its range, e.g. every bar with open == close and a range.
 """
 from __future__ import annotations
 
@@ -46,10 +51,13 @@ def compute(o, h, l, c, v, *, atr=None):
   has_range = rng > 0
   always = jnp.ones_like(c, bool)
   has_prev = ~jnp.isnan(prev_c)
-  cols['doji'] = _flag(has_range & (abs_body <= 0.1 * rng), always)
-  small_body = has_range & (abs_body <= 0.35 * rng)
-  cols['hammer'] = _flag(small_body & (lower >= 0.6 * rng) & (upper <= 0.1 * rng), always)
-  cols['shooting_star'] = _flag(small_body & (upper >= 0.6 * rng) & (lower <= 0.1 * rng), always)
+  # Integer forms of the fractions (products of integers below 2**24 / 20 are exact in float32).
+  cols['doji'] = _flag(has_range & (10.0 * abs_body <= rng), always)
+  small_body = has_range & (20.0 * abs_body <= 7.0 * rng)                    # <= 35%
+  long_lower, long_upper = 5.0 * lower >= 3.0 * rng, 5.0 * upper >= 3.0 * rng  # >= 60%
+  short_lower, short_upper = 10.0 * lower <= rng, 10.0 * upper <= rng        # <= 10%
+  cols['hammer'] = _flag(small_body & long_lower & short_upper, always)
+  cols['shooting_star'] = _flag(small_body & long_upper & short_lower, always)
   prev_body = prev_c - prev_o
   bigger = abs_body > jnp.abs(prev_body)
   bull = (prev_body < 0) & (body > 0) & (o <= prev_c) & (c >= prev_o) & bigger
@@ -57,7 +65,7 @@ def compute(o, h, l, c, v, *, atr=None):
   cols['engulfing'] = jnp.where(has_prev, bull.astype(jnp.float32) - bear.astype(jnp.float32), jnp.nan)
   cols['inside_bar'] = _flag((h < prev_h) & (l > prev_l), has_prev)
   cols['outside_bar'] = _flag((h > prev_h) & (l < prev_l), has_prev)
-  strong = has_range & (abs_body >= 0.5 * rng)
+  strong = has_range & (2.0 * abs_body >= rng)
   up = strong & (body > 0) & (c > prev_c)
   down = strong & (body < 0) & (c < prev_c)
   soldiers = up & (P.lag(up.astype(jnp.float32), 1) > 0) & (P.lag(up.astype(jnp.float32), 2) > 0)

@@ -44,9 +44,10 @@ def run_phase(config, workdir: str) -> dict:
   market = load_market(config.data)
   blocks, times, symbols, per_symbol = [], [], [], {}
   total_seconds = 0.0
+  points = market.attrs.get('points') or {}    # {symbol: point} recorded by the loader; None: inferred
   for symbol, frame in market.groupby('symbol', sort=False):
     start = time.perf_counter()
-    x, names = F.compute_features(frame)
+    x, names = F.compute_features(frame, point=points.get(symbol))
     seconds = time.perf_counter() - start
     total_seconds += seconds
     finite_rows = np.isfinite(x).all(axis=1)

@@ -10,8 +10,9 @@ Deliberate departures from common definitions, for train/serve parity and float3
   [-1, 1] (`natron.features.indicators.obv` stays TA-Lib's cumulative OBV).
 - VWAP is a rolling VWAP of the typical price (h + l + c) / 3 over the last n bars ending at t (n = 96 is one
   day of 15-minute bars), not a session-anchored one: sessions differ by venue and a rolling window gives
-  every row the same look-back. The distance is accumulated as sum(v * (tp - c[t])) / sum(v) so that no
-  float32 sum of price levels is formed (its rounding, ~1e-6 of the price, would be ~1e-3 ATR).
+  every row the same look-back. The distance is accumulated as sum(v * (tp - c[t])) / sum(v) from exact price
+  differences, so that no float32 sum of price levels is formed (its rounding, ~1e-6 of the price, would be
+  ~1e-3 ATR).
 - Volume 0 (e.g. an FX feed without volume) gives ratio 1 and oscillators 0, never NaN/inf.
 """
 from __future__ import annotations
@@ -45,10 +46,14 @@ def chaikin_money_flow(h, l, c, v, n: int):
 
 
 def vwap_distances(h, l, c, v, windows=VWAP_WINDOWS):
-  """{n: c[t] - rolling VWAP_n[t]} in price units: -sum(v (tp - c[t])) / sum(v) over the last n bars, [T] each."""
-  tp = (h + l + c) / 3.0
-  sums = centred_window_sums(tp, c, windows, VWAP_BLOCK, w=v)
-  return {n: -P.safe_div(sums[n], P.rolling_sum(v, n)) for n in windows}
+  """{n: c[t] - rolling VWAP_n[t]} in price units: -sum(v (tp - c[t])) / sum(v) over the last n bars, [T] each.
+
+  tp[s] - c[t] = ((h[s] - c[s]) + (l[s] - c[s])) / 3 + (c[s] - c[t]): exact price differences (on the grid),
+  so no typical-price LEVEL (h + l + c) / 3 is rounded (half an ulp of the price, ~1e-4 ATR).
+  """
+  wick = v * ((h - c) + (l - c)) / 3.0
+  sums = centred_window_sums(c, c, windows, VWAP_BLOCK, w=v)
+  return {n: -P.safe_div(P.rolling_sum(wick, n) + sums[n], P.rolling_sum(v, n)) for n in windows}
 
 
 def rolling_corr(x, y, n: int):

@@ -47,6 +47,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 import numpy as np
 import orjson
 
+from natron.data import grid
 from natron.errors import UserError
 from natron.serve import schemas
 from natron.serve.schemas import InvalidRequest
@@ -93,7 +94,7 @@ class HttpError(Exception):
 # ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Job:
-  ohlcv: np.ndarray     # float32 [B, R, 5] windows (merged with other jobs), or [N, 5] for `call`
+  ohlcv: np.ndarray     # float64 [B, R, 5] windows (merged with other jobs), or [N, 5] for `call`
   times: np.ndarray     # int64 [B] ns
   loop: asyncio.AbstractEventLoop
   future: asyncio.Future
@@ -131,7 +132,7 @@ class MicroBatcher:
     self._thread.start()
 
   async def predict(self, ohlcv: np.ndarray, times: np.ndarray) -> dict:
-    """ohlcv float32 [B, R, 5], times int64 [B] -> Predictor.finish dict for those B windows."""
+    """ohlcv float64 [B, R, 5], times int64 [B] -> Predictor.finish dict for those B windows."""
     return await self._submit(ohlcv, times, None)
 
   async def run(self, call, ohlcv: np.ndarray, times: np.ndarray) -> dict:
@@ -224,8 +225,10 @@ class Service:
                       f'required_candles {predictor.required_candles}: no request could succeed.')
 
   def candles(self, items, *, window: Optional[int] = None, max_count: Optional[int] = None):
-    return schemas.parse_candles(items, min_count=self.predictor.required_candles,
-                                 max_count=max_count or self.settings.max_candles, window=window)
+    parsed = schemas.parse_candles(items, min_count=self.predictor.required_candles,
+                                   max_count=max_count or self.settings.max_candles, window=window)
+    check_grid(parsed.ohlcv, window=window)
+    return parsed
 
   async def predict_windows(self, ohlcv: np.ndarray, times: np.ndarray) -> list[dict]:
     """[B, N >= R, 5] windows -> one record per window; submitted in bucket-sized jobs so a large batch
@@ -234,7 +237,7 @@ class Service:
     step = self.predictor.buckets[-1]
     records = []
     for start in range(0, len(ohlcv), step):
-      chunk = np.ascontiguousarray(ohlcv[start:start + step, -r:], dtype=np.float32)
+      chunk = np.ascontiguousarray(ohlcv[start:start + step, -r:], dtype=np.float64)
       pred = await self.batcher.predict(chunk, times[start:start + step])
       records.extend(self._records(pred, start))
     return records
@@ -321,13 +324,21 @@ async def _read_body(request: Request, limit: int) -> bytes:
   return b''.join(chunks)
 
 
+def check_grid(ohlcv: np.ndarray, *, window: Optional[int] = None, field: Optional[str] = None) -> None:
+  """Features run on prices in points (natron.data.grid): one window's prices must lie on one quote grid."""
+  try:
+    grid.infer_point(ohlcv[:, :4])
+  except grid.GridError as e:
+    raise InvalidRequest(str(e), rule='quote_grid', window=window, field=field) from None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # WebSocket sessions.
 # ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _History:
   time: np.ndarray    # int64 [R] ns
-  ohlcv: np.ndarray   # float32 [R, 5]
+  ohlcv: np.ndarray   # float64 [R, 5] (prices exact: converted to points by the Predictor)
 
 
 class WsSession:
@@ -424,6 +435,7 @@ class WsSession:
                            rule='time_order', field='time')
     updated = _History(np.concatenate([history.time[1:], bar.time]),
                        np.concatenate([history.ohlcv[1:], bar.ohlcv]))
+    check_grid(updated.ohlcv, field='candle')
     record = await self._predict_history(updated)
     self.histories[symbol] = updated     # only after success: a failed bar leaves the history as it was
     return {'type': 'prediction', 'symbol': symbol, **record}
