@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import gamma32
 
 from configs import base
 from configs import pretrain as pretrain_config
@@ -125,8 +126,14 @@ def test_two_steps_on_four_devices_equal_one_device(tmp_path):
   four = dict(np.load(out))
   one = two_steps()
   assert int(four['devices']) == 4 and one['devices'] == 1
-  np.testing.assert_allclose(four['loss'], one['loss'], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(four['params'], one['params'], rtol=1e-5, atol=1e-5)
+  # Four devices reduce the batch's loss and gradients in another order: each differs by gamma_n relative
+  # (n ~ batch x window x features ~ 800 terms: ~5e-5 worst case, ~sqrt(n) u ~ 2e-6 typical), and after two
+  # Adam steps of lr 1e-3 a parameter inherits that relative error of its step (Adam divides by sqrt(v), so
+  # the step's scale is lr, not the gradient's): |delta param| <~ 2 steps x lr x gamma_n relative ~ 1e-7,
+  # far inside 1e-5, plus the loss's own gamma_n.
+  n = 8 * 16 * 6
+  np.testing.assert_allclose(four['loss'], one['loss'], rtol=gamma32(n), atol=gamma32(n))
+  np.testing.assert_allclose(four['params'], one['params'], rtol=gamma32(n), atol=1e-5)
 
 
 if __name__ == '__main__':   # the 4-device half of the test above, in a fresh process

@@ -21,11 +21,11 @@ import websockets
 from websockets.sync.client import connect as ws_connect
 
 import mt5_client
-from natron.data import DataError, validate_ohlcv
-from natron.serve import create_app
+from natron.data import DataError, load_ohlcv, rules, validate_ohlcv
+from natron.serve import create_app, schemas
 from natron.serve.app import MicroBatcher, bind, make_server
 from natron.serve.schemas import InvalidRequest, validate_arrays
-from test_predictor import market, ohlcv_array, shared_predictor
+from test_predictor import SUM_ATOL, atol, market, ohlcv_array, shared_predictor
 
 LIMITS = {'max_batch': 4, 'batch_wait_ms': 1.0, 'max_body_bytes': 2 << 20}
 
@@ -104,11 +104,12 @@ def test_predict_matches_predictor(server, predictor):
   assert reply.status_code == 200, reply.text
   body = reply.json()
   local = expected(predictor, frame)
-  assert body['buy_prob'] == pytest.approx(float(local['buy_prob'][0]), abs=1e-6)
-  assert body['sell_prob'] == pytest.approx(float(local['sell_prob'][0]), abs=1e-6)
+  # The server micro-batches and pads requests differently from this local call: conftest.prob_atol bounds it.
+  assert body['buy_prob'] == pytest.approx(float(local['buy_prob'][0]), abs=atol())
+  assert body['sell_prob'] == pytest.approx(float(local['sell_prob'][0]), abs=atol())
   assert body['signal'] == local['signal'][0] and body['direction'] == local['direction'][0]
   assert body['regime'] == local['regime'][0]
-  assert sum(body['direction_probs'].values()) == pytest.approx(1.0, abs=1e-5)
+  assert sum(body['direction_probs'].values()) == pytest.approx(1.0, abs=SUM_ATOL)
   assert set(body['regime_probs']) == set(predictor.regimes)
   assert body['time'] == frame['time'].iloc[-1].strftime('%Y-%m-%dT%H:%M:%SZ')
   assert body['timestamp'] == int(frame['time'].iloc[-1].timestamp())
@@ -128,7 +129,7 @@ def test_batch_predict_windows_and_series(server, predictor):
   assert body['mode'] == 'windows' and body['count'] == 3 and body['processing_time_ms'] > 0
   for e, pred in zip(ends, body['predictions']):
     assert pred['buy_prob'] == pytest.approx(float(expected(predictor, window_frame(e, r))['buy_prob'][0]),
-                                             abs=1e-6)
+                                             abs=atol())
   series = market().iloc[5:5 + r + 11]        # 12 bars with a full window: one chunk of 8 + a padded one
   reply = client.post('/batch_predict', json={'candles': candles_json(series)})
   assert reply.status_code == 200, reply.text
@@ -138,9 +139,9 @@ def test_batch_predict_windows_and_series(server, predictor):
   assert stamps == (series['time'].iloc[r - 1:].astype('int64') // 10**9).tolist()
   windows = np.lib.stride_tricks.sliding_window_view(ohlcv_array(series), (r, 5))[:, 0]
   local = predictor.predict(windows)
-  np.testing.assert_allclose([p['buy_prob'] for p in body['predictions']], local['buy_prob'], atol=1e-5)
+  np.testing.assert_allclose([p['buy_prob'] for p in body['predictions']], local['buy_prob'], atol=atol())
   np.testing.assert_allclose([p['regime_confidence'] for p in body['predictions']],
-                             local['regime_confidence'], atol=1e-5)
+                             local['regime_confidence'], atol=atol())
 
 
 def test_request_limits(server, predictor, limits):
@@ -239,26 +240,105 @@ def test_every_validation_rule_is_422_naming_the_candle(server, predictor):
   assert f'at least {r}' in few.json()['detail']
 
 
-def test_numeric_rules_agree_with_ingestion_validator(predictor):
-  """The request validator and natron.data.validate flag the same first row for each numeric/time rule."""
-  frame = window_frame(predictor.required_candles + 8, 60).reset_index(drop=True)
-  for column, row, value in [('low', 13, 0.0), ('volume', 14, -1.0), ('high', 15, 0.5), ('low', 16, 9.0),
-                             ('time', 17, None), ('time', 18, 'back')]:
+def test_ingestion_and_serving_apply_the_one_rule_function():
+  """natron.data.rules.candle_violations decides for both: for every break, ingestion's first broken rule
+  (by row) is the rule id and candle serving names, and a clean window passes both."""
+  frame = window_frame(300, 60).reset_index(drop=True)
+  columns = ['open', 'high', 'low', 'close', 'volume']
+
+  def both(broken, point=None):
+    ns = broken['time'].astype('int64').to_numpy()
+    try:
+      validate_arrays(ns, broken[columns].to_numpy(), point=point)
+      served = None
+    except InvalidRequest as e:
+      served = (e.rule, e.index)
+    try:
+      validate_ohlcv(broken, point=point)
+      ingested = None
+    except DataError as e:
+      text, rows = min(e.violations, key=lambda v: int(v[1][0]))
+      ingested = (rules.RULES.get(text, 'not_finite'), int(rows[0]))
+    return served, ingested
+
+  assert both(frame, point=1e-5) == (None, None)
+  cases = [('low', 13, 0.0, 'price_positive'), ('volume', 14, -1.0, 'volume_negative'),
+           ('high', 15, 0.5, 'high_low'), ('low', 16, 9.0, 'high_low'), ('close', 19, np.inf, 'not_finite'),
+           ('time', 17, 'repeat', 'time_order'), ('time', 18, 'back', 'time_order')]
+  for column, row, value, rule in cases:
     broken = frame.copy()
     if column == 'time':
-      broken.loc[row, 'time'] = broken.loc[row - 1 if value is None else 2, 'time']
+      broken.loc[row, 'time'] = broken.loc[row - 1 if value == 'repeat' else 2, 'time']
     else:
       broken.loc[row, column] = value
-    ns = broken['time'].astype('int64').to_numpy()
-    with pytest.raises(InvalidRequest) as raised:
-      validate_arrays(ns, broken[['open', 'high', 'low', 'close', 'volume']].to_numpy())
-    with pytest.raises(DataError) as ingested:
-      validate_ohlcv(broken)
-    flagged = min(int(np.min(rows)) for _, rows in ingested.value.violations)
-    assert raised.value.index == flagged == row, (column, row)
+    assert both(broken) == ((rule, row), (rule, row)), (column, row)
+  off = frame.copy()
+  off.loc[21, 'close'] = off.loc[21, 'close'] + 5e-6     # half a point of 1e-5 off the grid
+  off.loc[21, 'high'] = max(off.loc[21, 'high'], off.loc[21, 'close'])
+  off.loc[21, 'low'] = min(off.loc[21, 'low'], off.loc[21, 'close'])
+  assert both(off, point=1e-5) == (('off_grid', 21), ('off_grid', 21))
+  assert both(off) == (None, None)                      # the grid is checked when a point is given
 
 
-# --- Auth ----------------------------------------------------------------------------------------------------
+def test_serving_reads_the_time_forms_ingestion_reads():
+  """One parser (natron.data.times): MT5 dotted times, naive text (UTC), offsets (converted), Z and unix
+  seconds give the same instants in a request and in a loaded file; words are refused by both."""
+  frame = window_frame(200, 40).reset_index(drop=True)
+  utc = frame['time']
+  forms = {'unix': (utc.astype('int64') // 10**9).tolist(),
+           'mt5_dotted': utc.dt.strftime('%Y.%m.%d %H:%M:%S').tolist(),
+           'naive_is_utc': utc.dt.strftime('%Y-%m-%d %H:%M:%S').tolist(),
+           'z': utc.dt.strftime('%Y-%m-%dT%H:%M:%SZ').tolist(),
+           'offset': utc.dt.tz_convert('Etc/GMT-3').dt.strftime('%Y-%m-%dT%H:%M:%S+03:00').tolist()}
+  expected = utc.astype('int64').to_numpy()
+  for name, stamps in forms.items():
+    items = [dict(c, time=t) for c, t in zip(candles_json(frame), stamps)]
+    served = schemas.parse_candles(items, min_count=1, max_count=100)
+    np.testing.assert_array_equal(served.time, expected, err_msg=name)
+    loaded = load_ohlcv(frame.assign(time=stamps))
+    np.testing.assert_array_equal(loaded['time'].astype('int64').to_numpy(), expected, err_msg=name)
+  for word in ('now', '02.01.2024 10:00', '2024/01/02 10:00'):
+    items = candles_json(frame)
+    items[7]['time'] = word
+    with pytest.raises(InvalidRequest) as served_error:
+      schemas.parse_candles([dict(c, time=c['time']) for c in items], min_count=1, max_count=100)
+    assert served_error.value.rule == 'time' and served_error.value.index == 7
+    text = frame.assign(time=utc.dt.strftime('%Y-%m-%d %H:%M:%S'))
+    text.loc[7, 'time'] = word
+    with pytest.raises(DataError, match=r'time must be a valid timestamp.*row 7 '):
+      load_ohlcv(text)
+
+
+def test_ea_client_sends_utc_and_compares_in_server_time():
+  """The time convention: the EA converts broker server time (here UTC+2) to UTC before sending, and the
+  server's UTC reply back before comparing it with the bar it asked about."""
+  offset = 7200
+  bars = window_frame(300, 30).reset_index(drop=True)
+  server_bars = bars.assign(time=bars['time'] + pd.Timedelta(seconds=offset))   # what the terminal shows
+  sent = []
+
+  def reply_utc(request):
+    candles = orjson.loads(request.content)['candles']
+    sent.append([c['time'] for c in candles])
+    return httpx.Response(200, json={'timestamp': candles[-1]['time'], 'buy_prob': 0.9, 'sell_prob': 0.05,
+                                     'signal': 'BUY'})
+
+  ea = mt5_client.EAClient('http://natron.test/predict', required_candles=20, server_offset_s=offset,
+                           transport=httpx.MockTransport(reply_utc))
+  ea.init(server_bars.iloc[:25])
+  decision = ea.on_tick(server_bars.iloc[:27])
+  assert decision.action == 'BUY'
+  closed_utc = bars['time'].iloc[:26].astype('int64') // 10**9
+  assert sent[-1] == closed_utc.iloc[-20:].tolist()            # UTC on the wire
+  assert decision.bar_time == int(server_bars['time'].iloc[25].timestamp())   # server time in the EA
+  mislabelled = mt5_client.EAClient('http://natron.test/predict', required_candles=20, server_offset_s=0,
+                                    transport=httpx.MockTransport(lambda request: httpx.Response(
+                                        200, json={'timestamp': int(closed_utc.iloc[-1]), 'buy_prob': 0.9,
+                                                   'sell_prob': 0.05, 'signal': 'BUY'})))
+  mislabelled.init(server_bars.iloc[:25])
+  assert 'stale' in mislabelled.on_tick(server_bars.iloc[:27]).reason     # never acts on a shifted clock
+
+
 def test_api_key_protects_everything_but_health(predictor):
   app = create_app(predictor, {'api_key': 'sekret'})
   r = predictor.required_candles
@@ -369,7 +449,7 @@ def test_concurrent_ws_clients(server, predictor):
   for end, replies in zip(ends, results):
     for k, reply in enumerate(replies):
       local = expected(predictor, window_frame(end + k, r))
-      assert reply['buy_prob'] == pytest.approx(float(local['buy_prob'][0]), abs=1e-6)
+      assert reply['buy_prob'] == pytest.approx(float(local['buy_prob'][0]), abs=atol())
 
 
 def test_micro_batcher_merges_requests_arriving_together(predictor):
@@ -387,7 +467,7 @@ def test_micro_batcher_merges_requests_arriving_together(predictor):
     batcher.close()
   assert batcher.calls == 1 and batcher.windows == 3     # three requests, one model call
   direct = predictor.predict(np.concatenate(windows))
-  np.testing.assert_allclose([p['buy_prob'][0] for p in results], direct['buy_prob'], atol=1e-6)
+  np.testing.assert_allclose([p['buy_prob'][0] for p in results], direct['buy_prob'], atol=atol())
   assert [int(p['time'][0]) for p in results] == [0, 1, 2]
 
 
@@ -411,7 +491,7 @@ def test_ea_client_one_request_per_closed_bar(server, predictor):
     sent = np.array([[c[k] for k in ('open', 'high', 'low', 'close', 'volume')]
                      for c in orjson.loads(decision.body)['candles']], np.float32)
     local = predictor.predict(sent)
-    assert decision.buy_prob == pytest.approx(float(local['buy_prob'][0]), abs=1e-6)
+    assert decision.buy_prob == pytest.approx(float(local['buy_prob'][0]), abs=atol())
     assert decision.action == mt5_client.decide(decision.buy_prob, decision.sell_prob, 0.5)
     assert decision.action == decision.server_signal     # same threshold -> the server's own signal
 
