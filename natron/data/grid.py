@@ -34,22 +34,24 @@ class GridError(UserError):
   """Prices are not on the quote grid (or cannot be held exactly in float32 on it)."""
 
 
-def _tolerance(prices: np.ndarray, point: float) -> np.ndarray:
+def _tolerance(prices: np.ndarray, point: float):
   """How far from an integer `prices / point` may be and still count as on the grid (in points).
 
-  float64 input: the rounding of decimal text, 1e-6 of a point. float32 input (a client that sent float32
-  prices): also half a float32 ulp of the price, which must stay under a quarter point to be recoverable.
+  float64 input: the rounding of decimal text, 1e-6 of a point (a scalar). float32 input (a client that sent
+  float32 prices): also half a float32 ulp of each price, which must stay under a quarter point to be
+  recoverable.
   """
   if prices.dtype == np.float32:
     return _GRID_TOL + np.spacing(np.abs(prices)).astype(np.float64) / point
-  return np.full(prices.shape, _GRID_TOL)
+  return _GRID_TOL
 
 
 def off_grid(prices, point: float) -> np.ndarray:
   """Boolean mask of the prices that are not integer multiples of `point` (within parsing error)."""
   x = np.asarray(prices)
-  ratio = x.astype(np.float64) / point
-  return ~(np.abs(ratio - np.rint(ratio)) <= _tolerance(x, point))
+  ratio = np.asarray(x, np.float64) / point
+  miss = np.abs(ratio - np.rint(ratio))
+  return ~(miss <= _tolerance(x, point))
 
 
 def check_point(point) -> float:
@@ -63,13 +65,42 @@ def check_point(point) -> float:
   return p
 
 
+_SAMPLE = 4096
+
+
 def infer_point(prices) -> float:
   """The coarsest decimal grid 10**-k (k = 0..MAX_DECIMALS) that every price lies on.
 
   `prices` is any array of positive prices (all four price columns of a series). Raises GridError when no
   such grid holds the prices exactly in float32 (levels of 2**24 points or more).
+
+  Long inputs are fast: a strided sample proposes the grid and one pass over every price verifies it. The
+  answer is the same as trying each grid on everything: grids are nested (10**-k), the sample's coarsest grid
+  is at least as coarse as the whole input's, and if every price lies on it, it is the input's coarsest grid.
   """
-  x = np.asarray(prices)
+  x = np.asarray(prices).reshape(-1)
+  if x.size > 2 * _SAMPLE:
+    candidate = _infer_point(x[::x.size // _SAMPLE])
+    if candidate is not None and float(np.max(np.abs(x))) / candidate < MAX_TICKS and \
+        not off_grid(x, candidate).any():
+      return candidate
+  point = _infer_point(x)
+  if point is None:
+    raise _no_grid(x)
+  return point
+
+
+def _no_grid(x: np.ndarray) -> GridError:
+  finite = x[np.isfinite(x)]
+  top = float(np.max(np.abs(finite))) if finite.size else 0.0
+  return GridError(
+      f'prices are not on a decimal quote grid that float32 can hold exactly (the largest price {top:.10g} '
+      f'must stay below 2**24 points of the grid): set data.point to the instrument\'s price increment, e.g. '
+      f'1e-5 for EURUSD, 1e-3 for USDJPY, 0.01 for stocks; data must lie on that grid')
+
+
+def _infer_point(x: np.ndarray):
+  """infer_point over every element of x, or None when no grid fits."""
   if x.size == 0:
     raise GridError('cannot infer the point size from no prices')
   finite = x[np.isfinite(x)]
@@ -77,7 +108,6 @@ def infer_point(prices) -> float:
   if top <= 0:
     raise GridError('cannot infer the point size: no positive prices')
   tol_ok = x.dtype != np.float32
-  k = 0
   for k in range(MAX_DECIMALS + 1):
     point = float(10.0**-k)
     if top / point >= MAX_TICKS:
@@ -86,10 +116,7 @@ def infer_point(prices) -> float:
       break
     if not off_grid(finite, point).any():
       return point
-  raise GridError(
-      f'prices are not on a decimal quote grid that float32 can hold exactly (tried points 1 .. 1e-{max(k - 1, 0)}; the '
-      f'largest price {top:.10g} must stay below 2**24 points): set data.point to the instrument\'s price '
-      f'increment, e.g. 1e-5 for EURUSD, 1e-3 for USDJPY, 0.01 for stocks; data must lie on that grid')
+  return None
 
 
 def to_ticks(prices, point: float) -> np.ndarray:

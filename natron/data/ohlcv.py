@@ -434,41 +434,33 @@ def _points(frame: pd.DataFrame, point, source: str):
   groups = _frame_groups(frame)
   wanted = parse_point_setting(point, [sym for sym, _ in groups]) if isinstance(point, (dict, str)) or \
       point is None else {sym: _checked_point(point, 'point') for sym, _ in groups}
-  prices = np.stack([frame[c].to_numpy(np.float64) for c in PRICES], axis=1)
+  columns = [frame[c].to_numpy(np.float64) for c in PRICES]
+  n = len(frame)
+
+  def prices_of(rows):   # [4 k] this group's prices (no copy of the frame's columns for a one-symbol frame)
+    return np.concatenate(columns if rows.size == n else [c[rows] for c in columns])
+
   points, sources = {}, {}
   for sym, rows in groups:
     if wanted[sym] is not None:
       points[sym], sources[sym] = wanted[sym], POINT_CONFIG
-      top = float(np.nanmax(np.abs(prices[rows]))) if rows.size else 0.0
+      top = float(np.nanmax(np.abs(prices_of(rows)))) if rows.size else 0.0
       if top / wanted[sym] >= grid.MAX_TICKS:
         raise DataError(f"{source}: a price of {top:.10g} is {top / wanted[sym]:.0f} points of "
                         f"{wanted[sym]:g}: at 2**24 points or more float32 cannot hold prices exactly; use a "
                         f"coarser point (e.g. {wanted[sym] * 10:g})")
       continue
-    x = prices[rows].ravel()
-    x = x[np.isfinite(x) & (x > 0)]
+    x = prices_of(rows)
+    ok = np.isfinite(x) & (x > 0)   # broken values are reported by the rules, not by the grid inference
+    if not ok.all():
+      x = x[ok]
     where = f' (symbol {sym})' if sym is not None else ''
     try:
-      points[sym], sources[sym] = _infer_point(x), POINT_INFERRED
+      points[sym], sources[sym] = grid.infer_point(x), POINT_INFERRED
     except grid.GridError as e:
       raise DataError(f"{source}{where}: cannot infer the quote grid from the prices: {e}") from None
   kinds = set(sources.values())
   return points, (kinds.pop() if len(kinds) == 1 else sources)
-
-
-def _infer_point(prices: np.ndarray) -> float:
-  """grid.infer_point, fast on long series: the coarsest grid of a sample, verified on all prices.
-
-  The sample's coarsest grid is at least as coarse as the series' one; if it also fits every price it IS
-  the series' coarsest grid, otherwise the full inference runs.
-  """
-  sample = prices[:4096]
-  if sample.size == prices.size:
-    return grid.infer_point(prices)
-  candidate = grid.infer_point(sample)
-  if not grid.off_grid(prices, candidate).any() and float(np.max(prices)) / candidate < grid.MAX_TICKS:
-    return candidate
-  return grid.infer_point(prices)
 
 
 def _convert_spread(frame: pd.DataFrame, points: dict):
