@@ -45,10 +45,20 @@ def phases_of(config) -> list[str]:
 def run_config(config, workdir: str) -> dict:
   """Runs every phase of `config` into `workdir`; returns {phase: summary}."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  names = phases_of(config)
+  text = config.to_json_best_effort(indent=2)
+  # workdir/config.json records the run that made the workdir (a pipeline, or its first phase); a later single
+  # phase (serve, backtest on a pipeline workdir) never overwrites it. Each phase keeps its own resolved config
+  # in its own directory.
+  top = os.path.join(workdir, 'config.json')
+  if len(names) > 1 or not os.path.exists(top):
+    with open(top, 'w') as f:
+      f.write(text)
   results = {}
-  for name in phases_of(config):
+  for name in names:
+    os.makedirs(os.path.join(workdir, name), exist_ok=True)
+    with open(os.path.join(workdir, name, 'config.json'), 'w') as f:
+      f.write(text)
     logging.info('=== phase %s -> %s', name, workdir)
     start = time.time()
     module = importlib.import_module(PHASES[name])
@@ -79,6 +89,9 @@ def _flatten(d, prefix=''):
 
 
 def run_sweep(config, workdir: str, config_path: str) -> list[dict]:
+  """Runs every override into workdir/sweep_<i>; sweep.md ranks them by a validation metric only and shows test
+  figures for the chosen configuration alone (natron.sweeps); each run's Deflated Sharpe counts the sweep size."""
+  from natron import sweeps  # pylint: disable=g-import-not-at-top
   rows = []
   overrides = _sweep_overrides(config_path)
   for i, override in enumerate(overrides):
@@ -90,6 +103,7 @@ def run_sweep(config, workdir: str, config_path: str) -> list[dict]:
         for p in parents:
           node = node[p]
         node[leaf] = value
+      sweeps.trials_config(cfg, len(overrides))
     sub = os.path.join(workdir, f'sweep_{i}')
     logging.info('=== sweep %d/%d %s', i + 1, len(overrides), override)
     results = run_config(cfg, sub)
@@ -97,16 +111,9 @@ def run_sweep(config, workdir: str, config_path: str) -> list[dict]:
                  **_flatten(results)})
   with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
     json.dump(rows, f, indent=2, default=str)
-  keys = list(dict.fromkeys(k for r in rows for k in r))
   with open(os.path.join(workdir, 'sweep.md'), 'w') as f:
-    f.write('| ' + ' | '.join(keys) + ' |\n|' + '---|' * len(keys) + '\n')
-    for r in rows:
-      f.write('| ' + ' | '.join(_fmt(r.get(k, '')) for k in keys) + ' |\n')
+    f.write(sweeps.markdown(rows))
   return rows
-
-
-def _fmt(v):
-  return f'{v:.4g}' if isinstance(v, float) else str(v)
 
 
 class _QuietLibraries:

@@ -3,12 +3,15 @@ r"""Backtests every policy on each symbol's held-out test span (natron.backtest.
   python launch.py --config=configs/backtest.py:quick --workdir=runs/demo    # after finetune (+ rl) there
 
 Compares, net of costs and with next-bar execution: the PPO policy (workdir/rl/policy_test.npz, if the rl
-phase ran), the supervised BUY/SELL/HOLD signal of workdir/finetune/bundle, buy-and-hold, always-flat and a
-random policy. Writes workdir/backtest/<symbol>/{metrics.json, table.md, equity.png} and settings.json.
+phase ran), the supervised BUY/SELL/HOLD signal of workdir/finetune/bundle, the momentum rule and the linear
+model's signal (workdir/finetune/baselines), buy-and-hold, always-flat and a random policy. Writes
+workdir/backtest/<symbol>/{metrics.json, table.md, equity.png} and settings.json; each policy's entry has
+95% block-bootstrap intervals of total return and Sharpe, PSR, DSR (evaluation.trials x PPO seeds) and a
+verdict against the best of flat, buy-and-hold, momentum and linear.
 
-The test span comes from config.data / labels / dataset exactly as in training: pass the same data overrides
-(--config.data.path=..., split) as the run that made the bundle, and the same variant (`:quick` after a quick
-pipeline). Costs, per unit traded: --config.backtest.cost_bps (commission) plus half the bar's spread: the
+The test span comes from the data / labels / dataset settings the bundle recorded (the fine-tuning run's), so
+no override needs repeating; a differing one is named in a warning (--config.data_from=config uses yours, e.g.
+to backtest on new data). Costs, per unit traded: --config.backtest.cost_bps (commission) plus half the bar's spread: the
 data's spread (MT5 points converted to price units at load), or for data without one
 --config.backtest.spread='1.2 points' (with the point from data.point or inferred from the quotes), '0.00012'
 (price units) or per symbol 'EURUSD=1.2 points,USDJPY=0.015'. Data without a spread and no backtest.spread

@@ -12,6 +12,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.phase = ''          # one phase name, run by launch.py
   config.phases = ()         # or several, run in order into one workdir (pipeline)
+  # Phases that consume a bundle (rl, backtest) rebuild data, labels and splits from the settings it recorded
+  # ('bundle'), or from this config's data / labels / dataset sections ('config', e.g. new data).
+  config.data_from = 'bundle'
 
   # --- Data: '' -> the built-in synthetic market; else a path, or comma-separated paths (one symbol each).
   config.data = ml_collections.ConfigDict()
@@ -82,6 +85,21 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.backtest.periods_per_year = 260     # trading days: 260 for 24x5 FX, 252 for exchanges
   config.backtest.threshold = 0.6            # supervised BUY/SELL signal confidence
 
+  # --- Baselines (natron.baselines), fitted on the training span only, shown beside every reported skill.
+  config.baselines = ml_collections.ConfigDict()
+  config.baselines.linear_epochs = 10         # DLinear-style logistic regression; the best val epoch is kept
+  config.baselines.linear_lr = 1e-3
+  config.baselines.linear_weight_decay = 1e-2
+  config.baselines.linear_batch_size = 256
+
+  # --- Evaluation (natron.stats): block-bootstrap intervals, verdicts and the Deflated Sharpe's trial count.
+  config.evaluation = ml_collections.ConfigDict()
+  config.evaluation.bootstrap = 1000          # replicates
+  config.evaluation.level = 0.95              # interval coverage
+  config.evaluation.block = -1                # windows per block; -1: the longest label horizon
+  config.evaluation.block_days = -1           # backtests: days per block; -1: max(label horizon, D^(1/3) days)
+  config.evaluation.trials = 1                # configurations tried (sweep size x seeds) for the Deflated Sharpe
+
   config.distributed = False                 # jax.distributed.initialize() for multi-host runs
   return config
 
@@ -95,6 +113,7 @@ def apply_quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.model.d_ff = 128
   config.model.head_hidden = 64
   config.dataset.batch_size = 128
+  config.baselines.linear_epochs = 5
   return config
 
 

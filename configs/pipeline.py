@@ -25,6 +25,9 @@ def get_config(arg=None):
   config.pretrain = pretrain.section(quick)
   config.finetune = finetune.section(quick)
   config.finetune.model_init = 'auto'    # the encoder from this workdir's pretrain/ checkpoint
+  # PPO trains on the last 30% of the training span, which fine-tuning never saw (purged by label end): its
+  # observations are out-of-sample encoder outputs, as they will be on the test span.
+  config.finetune.rl_holdout = 0.3
   config.rl = rl.section(quick)
   config.inspect = finetune_inspect_section()
   # Not run by default (slow): add 'walkforward' to --config.phases to repeat finetune + rl + backtest

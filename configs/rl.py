@@ -11,9 +11,13 @@ the reward and every evaluation, and workdir/rl/metrics.json (`cost_model`) stat
 
 Expected runtime on 2 shared CPU cores (quick, 20,000 synthetic bars, fine-tuned quick bundle): embedding the
 series ~40 s, PPO (2 seeds x 1M env steps) ~1 min, evaluation a few seconds; full: PPO ~5M steps per seed.
-Expected result (quick, measured): on the synthetic market's test span (2,856 bars) the PPO policy returned
-+62.8% net of costs (Sharpe 22, 17 trades) vs always-flat 0%, buy-and-hold -6.9% and random -4.1% +- 4.9%
-(the supervised signal +63.8%); numbers in workdir/rl/metrics.json and workdir/rl/test/table.md.
+PPO trains on the bars the bundle's fine-tuning never saw labels of (finetune.rl_holdout, 0.3 in the
+pipeline: out-of-sample observations); with a bundle fine-tuned on the whole training span it warns.
+Data and split settings come from the bundle (config.data_from='bundle').
+Expected result (configs/pipeline.py:quick, measured December 2026): on the synthetic market's test span
+(2,856 bars) PPO returned +55.7% [95% CI +26.8, +86.9] net of costs vs the supervised signal +57.5%, the
+momentum rule +58.1%, the linear signal +52.4%, always-flat 0%, buy-and-hold -6.8%: "no evidence of skill over
+momentum"; numbers in workdir/rl/metrics.json and workdir/rl/test/{table.md, metrics.json}.
 """
 import ml_collections
 

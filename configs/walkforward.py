@@ -59,6 +59,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.walkforward = section(quick)
   config.finetune = finetune.section(quick)
   config.finetune.model_init = 'auto'   # workdir/pretrain when it exists, else from scratch
+  config.finetune.rl_holdout = 0.3      # each fold's PPO trains on out-of-sample encoder outputs
   config.rl = rl.section(quick)
   if quick:
     base.apply_quick(config)

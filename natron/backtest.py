@@ -30,16 +30,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 
 import numpy as np
 import pandas as pd
 
+from natron import stats
 from natron.errors import UserError
 
 POLICY_COLORS = {'ppo': 'tab:red', 'supervised': 'tab:blue', 'buy_and_hold': 'tab:gray',
-                 'flat': 'black', 'random': 'tab:olive'}
+                 'flat': 'black', 'random': 'tab:olive', 'momentum': 'tab:orange', 'linear': 'tab:purple'}
+# Policies a model must beat: each traded with the same costs. A model's verdict is against the best of them.
+BASELINE_POLICIES = ('flat', 'buy_and_hold', 'momentum', 'linear')
 
 # The session clock of `trading_days`: 'HH:MM <IANA zone>' at which a trading day starts.
 TRADING_DAY = '17:00 America/New_York'
@@ -471,6 +475,116 @@ def signal_positions(signal) -> np.ndarray:
   return (signal == 'BUY').astype(np.float64) - (signal == 'SELL').astype(np.float64)
 
 
+def baseline_positions(workdir: str, ds, bound: dict, rows: np.ndarray, threshold: float) -> dict:
+  """{'momentum', 'linear'}: positions [len(rows)] of the finetune phase's baselines on one symbol's `rows`.
+
+  momentum: the fitted direction rule (+1 UP / -1 DOWN / 0); linear: the linear model's buy / sell
+  probabilities through the supervised signal rule at `threshold`, flat where a bar has no full window. Empty
+  when workdir/finetune/baselines does not exist (a bundle trained before the baselines were).
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from natron import baselines  # pylint: disable=g-import-not-at-top
+  from natron.predictor import signal_rule  # pylint: disable=g-import-not-at-top
+  saved = baselines.load(os.path.join(workdir, 'finetune', 'baselines'))
+  if saved is None:
+    logging.warning('backtest: no baselines in %s/finetune/baselines; rerun finetune to trade momentum and '
+                    'the linear model.', workdir)
+    return {}
+  momentum, linear = saved
+  rows_global = int(bound['start']) + np.asarray(rows, np.int64)
+  out = {'momentum': baselines.momentum_position(ds, momentum)[rows_global]}
+  valid = np.unique(np.concatenate([ds.ends[s] for s in ds.ends]))
+  have = np.isin(rows_global, valid)
+  position = np.zeros(len(rows_global))
+  if have.any():
+    probs = baselines.linear_probabilities(linear, ds, rows_global[have])
+    position[have] = signal_positions(signal_rule(probs['buy'][:, 1], probs['sell'][:, 1], float(threshold)))
+  out['linear'] = position
+  return out
+
+
+def evidence(results: dict, *, time=None, timeframe: str = '15min', trading_day: str = TRADING_DAY,
+             block_days: int = -1, horizon_bars: int = 48, n_boot: int = 1000, seed: int = 0,
+             level: float = 0.95, trials: dict | None = None) -> dict:
+  """Per policy: total_return_ci, sharpe_ci, psr, dsr, margins and a verdict (natron.stats).
+
+  Daily net returns (the same trading days for every policy) are resampled in circular blocks of
+  `block_days` days (-1: the longer of the label horizon in days and D^(1/3), D the number of days), paired
+  across policies. psr = P(true Sharpe > 0); dsr deflates it for `trials[name]` configurations tried (default
+  1). A model's margin is its total return minus a baseline policy's (BASELINE_POLICIES present in
+  `results`), `verdict` against the best of them by total return; `verdicts` against each.
+  """
+  daily = {name: daily_returns(res.equity, time=time, timeframe=timeframe, trading_day=trading_day)
+           for name, res in results.items()}
+  days = len(next(iter(daily.values())))
+  if block_days <= 0:
+    block_days = max(math.ceil(horizon_bars / bars_per_day(timeframe)), math.ceil(days ** (1 / 3)), 1)
+  ppy = float(next(iter(results.values())).metrics['periods_per_year'])
+  boot = stats.return_intervals(daily, block=block_days, periods_per_year=ppy, n_boot=n_boot, seed=seed,
+                                level=level)
+  trials = trials or {}
+  base = [b for b in BASELINE_POLICIES if b in results]
+  out = {}
+  for name, res in results.items():
+    entry = {'total_return_ci': boot[name]['total_return_ci'], 'sharpe_ci': boot[name]['sharpe_ci'],
+             'psr': stats.probabilistic_sharpe(daily[name]),
+             'dsr': stats.deflated_sharpe(daily[name], int(trials.get(name, 1))),
+             'trials': int(trials.get(name, 1))}
+    # A model (and random) is judged against every baseline policy, a baseline policy against flat alone.
+    if name in BASELINE_POLICIES:
+      opponents = ['flat'] if name != 'flat' and 'flat' in results else []
+    else:
+      opponents = base
+    margins = {}
+    for b in opponents:
+      margins[b] = {'value': float(res.metrics['total_return'] - results[b].metrics['total_return']),
+                    'ci': stats.interval(boot[name]['_total_return_samples'] - boot[b]['_total_return_samples'],
+                                         level)}
+    entry['margins'] = margins
+    if margins:
+      best = max(opponents, key=lambda b: results[b].metrics['total_return'])
+      entry['margin_over_best_baseline'] = {**margins[best], 'baseline': best, 'metric': 'total_return'}
+      entry['verdict'] = stats.verdict(margins[best], best, metric='total return', unit='%', level=level)
+      entry['verdicts'] = {b: stats.verdict(m, b, metric='total return', unit='%', level=level)
+                           for b, m in margins.items()}
+    else:
+      entry['verdict'] = 'reference (no position, no risk)'
+      entry['verdicts'] = {}
+    out[name] = entry
+  meta = {'kind': 'circular block', 'block_days': int(block_days), 'days': int(days), 'replicates': int(n_boot),
+          'level': level, 'seed': int(seed)}
+  for entry in out.values():
+    entry['bootstrap'] = meta
+  return out
+
+
+def evaluate_policies(close, policies: dict, cost: 'CostModel', config, *, time=None,
+                      trials: dict | None = None) -> tuple[dict, dict]:
+  """The one test-span evaluator of the rl and backtest phases: every policy traded with `cost`.
+
+  Returns ({name: Result}, evidence {name: intervals, psr, dsr, verdict}). Settings come from config.backtest
+  (periods_per_year, trading_day), config.data.timeframe, config.labels.regime_horizon / horizon (bootstrap
+  block) and config.evaluation (replicates, level, block in days when > 0, trials).
+  """
+  bt = config.backtest
+  trading_day = str(bt.get('trading_day', None) or TRADING_DAY)
+  kw = dict(cost_bps=cost.commission_bps, spread=cost.spread, time=time,
+            periods_per_year=float(bt.periods_per_year), timeframe=str(config.data.timeframe),
+            trading_day=trading_day)
+  results = {name: run(close, pos, **kw) for name, pos in policies.items()}
+  ev = config.get('evaluation', None) or {}
+  get = lambda key, default: ev.get(key, default) if hasattr(ev, 'get') else default
+  base_trials = int(get('trials', 1))
+  trials = {name: base_trials * int((trials or {}).get(name, 1)) for name in results}
+  labels = config.get('labels', None) or {}
+  horizon = max(int(labels.get('horizon', 12)), int(labels.get('regime_horizon', 48)))
+  block = int(get('block_days', -1))
+  found = evidence(results, time=time, timeframe=kw['timeframe'], trading_day=trading_day, block_days=block,
+                   horizon_bars=horizon, n_boot=int(get('bootstrap', 1000)), seed=int(config.get('seed', 0)),
+                   level=float(get('level', 0.95)), trials=trials)
+  return results, found
+
+
 # --------------------------------------------------------------------------------------------------------
 # Tables and plots.
 # --------------------------------------------------------------------------------------------------------
@@ -514,19 +628,40 @@ def plot_equity(results: dict[str, Result], path: str, *, time=None, title: str 
   return path
 
 
+def evidence_table(found: dict) -> str:
+  """Markdown: each policy's total return and Sharpe intervals, PSR, DSR and verdict."""
+  lines = ['| policy | total return CI | Sharpe CI | PSR | DSR (trials) | verdict |', '|---|---|---|---|---|---|']
+  for name, e in found.items():
+    lo, hi = e['total_return_ci']
+    slo, shi = e['sharpe_ci']
+    lines.append(f"| {name} | [{100 * lo:+.2f}%, {100 * hi:+.2f}%] | [{slo:+.2f}, {shi:+.2f}] | {e['psr']:.3f} | "
+                 f"{e['dsr']:.3f} ({e['trials']}) | {e['verdict']} |")
+  meta = next(iter(found.values()), {}).get('bootstrap', {})
+  lines += ['', f"Intervals: {meta.get('kind')} bootstrap of {meta.get('days')} daily net returns, blocks of "
+            f"{meta.get('block_days')} days, {meta.get('replicates')} replicates, {100 * meta.get('level', 0.95):.0f}%;"
+            ' margins are paired. PSR: probability that the true Sharpe exceeds 0; DSR: the same against the best '
+            'of `trials` zero-skill configurations (Bailey & López de Prado).']
+  return '\n'.join(lines)
+
+
 def save_results(results: dict[str, Result], directory: str, *, time=None, title='Test span, net of costs',
-                 cost: CostModel | None = None):
+                 cost: CostModel | None = None, evidence_: dict | None = None):
   """Writes metrics.json, table.md and equity.png for a set of policies into `directory`.
 
   With `cost` (the span's CostModel) every policy's metrics.json entry carries `cost_model` (its `describe()`)
-  and table.md ends with the cost line, so each artefact states the costs it was computed with.
+  and table.md ends with the cost line, so each artefact states the costs it was computed with. With
+  `evidence_` (from `evidence` / `evaluate_policies`) each entry also carries total_return_ci, sharpe_ci, psr,
+  dsr, margins and verdict, and table.md a second table with them.
   """
   os.makedirs(directory, exist_ok=True)
   described = cost.describe() if cost is not None else None
   with open(os.path.join(directory, 'metrics.json'), 'w') as f:
-    json.dump({k: {**v.metrics, **({'cost_model': described} if described else {})} for k, v in results.items()},
+    json.dump({k: {**v.metrics, **((evidence_ or {}).get(k) or {}),
+                   **({'cost_model': described} if described else {})} for k, v in results.items()},
               f, indent=2)
   table = metrics_table(results)
+  if evidence_:
+    table += '\n\n' + evidence_table(evidence_)
   if described:
     table += f'\n\nCosts ({described["symbol"]}): {cost_text(described)}.'
   with open(os.path.join(directory, 'table.md'), 'w') as f:
@@ -539,12 +674,14 @@ def save_results(results: dict[str, Result], directory: str, *, time=None, title
 # Phase: every policy on each symbol's held-out test span.
 # --------------------------------------------------------------------------------------------------------
 def _ppo_positions(workdir: str, symbol: str, time: np.ndarray | None, rows: np.ndarray):
-  """PPO positions for `rows` of one symbol from workdir/rl/policy_test*.npz, aligned by timestamp."""
+  """(PPO positions for `rows` of one symbol from workdir/rl/policy_test*.npz aligned by timestamp, the
+  number of PPO seeds the policy was chosen from), or (None, 1)."""
   for path in (os.path.join(workdir, 'rl', f'policy_test_{symbol}.npz'),
                os.path.join(workdir, 'rl', 'policy_test.npz')):
     if not os.path.exists(path):
       continue
     saved = np.load(path, allow_pickle=True)
+    trials = int(saved['trials']) if 'trials' in saved else 1
     if 'symbol' in saved and str(saved['symbol']) not in ('', symbol):
       continue
     if time is not None and 'time' in saved:
@@ -553,14 +690,40 @@ def _ppo_positions(workdir: str, symbol: str, time: np.ndarray | None, rows: np.
       wanted = pd.DatetimeIndex(pd.to_datetime(time[rows], utc=True))
       if not wanted.isin(lookup.index).all():
         raise UserError(f'{path} does not cover the test span of {symbol}; rerun the rl phase.')
-      return lookup.reindex(wanted).to_numpy()
+      return lookup.reindex(wanted).to_numpy(), trials
     if len(saved['position']) == len(rows):
-      return np.asarray(saved['position'], np.float64)
-  return None
+      return np.asarray(saved['position'], np.float64), trials
+  return None, 1
+
+
+def test_policies(workdir: str, ds, bound: dict, rows: np.ndarray, signal, config, *, time=None,
+                  ppo_position=None, ppo_trials: int = 1) -> tuple[dict, dict]:
+  """Every policy of the test-span table of one symbol, in report order, and their trial counts.
+
+  ppo (from `ppo_position`, else workdir/rl/policy_test*.npz; left out with a warning when neither exists),
+  supervised (the bundle's signal over `rows`), momentum and linear (finetune/baselines), buy_and_hold, flat,
+  random (seed config.seed). The rl and backtest phases both build their tables here, so they cannot differ.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  policies, trials = {}, {}
+  sym = bound['symbol']
+  if ppo_position is None:
+    ppo_position, ppo_trials = _ppo_positions(workdir, sym, time, rows)
+  if ppo_position is not None:
+    policies['ppo'] = np.asarray(ppo_position, np.float64)
+    trials['ppo'] = int(ppo_trials)
+  else:
+    logging.warning('backtest: no PPO policy in %s/rl; run the rl phase to include it.', workdir)
+  policies['supervised'] = signal_positions(signal)
+  policies.update(baseline_positions(workdir, ds, bound, rows, float(config.backtest.threshold)))
+  policies['buy_and_hold'] = buy_and_hold(len(rows))
+  policies['flat'] = always_flat(len(rows))
+  policies['random'] = random_policy(len(rows), seed=int(config.seed))
+  return policies, trials
 
 
 def run_phase(config, workdir: str) -> dict:
-  """Backtests PPO, the supervised signal, buy-and-hold, flat and random on every symbol's test span.
+  """Backtests PPO, the supervised signal, momentum, the linear model, buy-and-hold, flat and random on every symbol's test span.
 
   Costs come from `resolve_costs` (the data's spread, else config.backtest.spread, else a UserError). A symbol
   with fewer than 2 test bars (its data ends before the common test split) is skipped and named in
@@ -572,6 +735,9 @@ def run_phase(config, workdir: str) -> dict:
   from natron import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
   from natron.predictor import Predictor  # pylint: disable=g-import-not-at-top
 
+  from natron import bundle_settings  # pylint: disable=g-import-not-at-top
+  # Data, labels and splits as the fine-tuning run recorded them in its bundle.
+  config = bundle_settings.resolve(config, workdir, 'backtest')
   bt = config.backtest
   frame = data_lib.load_market(config.data)
   ds = dataset_lib.build_dataset(frame, config)
@@ -598,29 +764,20 @@ def run_phase(config, workdir: str) -> dict:
     pred = predictor.predict_series(part, with_encoded=False)
     close = part['close'].to_numpy(np.float64)[rows]
     time = part['time'].to_numpy() if 'time' in part else None
-    kw = dict(cost_bps=cost.commission_bps, spread=cost.spread, time=None if time is None else time[rows],
-              periods_per_year=float(bt.periods_per_year), timeframe=str(config.data.timeframe),
-              trading_day=trading_day)
-    policies = {}
-    ppo = _ppo_positions(workdir, sym, time, rows)
-    if ppo is not None:
-      policies['ppo'] = ppo
-    else:
-      logging.warning('backtest: no PPO policy in %s/rl; run the rl phase to include it.', workdir)
-    policies['supervised'] = signal_positions(pred['signal'][rows])
-    policies['buy_and_hold'] = buy_and_hold(len(rows))
-    policies['flat'] = always_flat(len(rows))
-    policies['random'] = random_policy(len(rows), seed=int(config.seed))
-    results = {name: run(close, pos, **kw) for name, pos in policies.items()}
+    policies, trials = test_policies(workdir, ds, b, rows, pred['signal'][rows], config, time=time)
+    results, found = evaluate_policies(close, policies, cost, config,
+                                       time=None if time is None else time[rows], trials=trials)
+    kw = {'time': None if time is None else time[rows]}
     span = (f'{pd.Timestamp(time[rows[0]])} .. {pd.Timestamp(time[rows[-1]])}' if time is not None
             else f'rows {rows[0]}..{rows[-1]}')
     spans.append(f'{sym}: {span} ({len(rows)} bars)')
     used[str(sym)] = cost.describe()
     table = save_results(results, os.path.join(out_dir, str(sym)), time=kw['time'],
-                         title=f'{sym} test span {span}, net of costs', cost=cost)
+                         title=f'{sym} test span {span}, net of costs', cost=cost, evidence_=found)
     logging.info('backtest %s (%s):\n%s', sym, span, table)
-    summary[str(sym)] = {name: {k: res.metrics[k] for k in ('total_return', 'sharpe', 'max_drawdown',
-                                                              'num_trades')} for name, res in results.items()}
+    summary[str(sym)] = {name: {**{k: res.metrics[k] for k in ('total_return', 'sharpe', 'max_drawdown',
+                                                                 'num_trades')},
+                                'verdict': found[name]['verdict']} for name, res in results.items()}
   if not summary:
     raise UserError(f'backtest: no symbol has a test span of 2 bars or more ({skipped}); use more data.')
   with open(os.path.join(out_dir, 'settings.json'), 'w') as f:

@@ -14,5 +14,6 @@ PHASES = {
     'infer': 'natron.predictor',
     'serve': 'natron.serve.app',
     'walkforward': 'natron.walkforward',
+    'seeds': 'natron.seeds',
     'report': 'natron.report',
 }

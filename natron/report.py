@@ -1,8 +1,9 @@
 """workdir/report.md: the one page a trader reads first.
 
 It only collects what the phases wrote (nothing is recomputed here, so the report cannot disagree with the
-artefacts): the data and label summary, supervised metrics beside their majority-class baselines, the
-test-span backtest table of every policy beside buy-and-hold / flat / random, and the plots. A phase that did
+artefacts): the data and label summary, supervised metrics beside their baselines (majority, momentum, linear) with
+block-bootstrap intervals and verdicts, the test-span backtest table of every policy (PPO, supervised, momentum,
+linear, buy-and-hold, flat, random) with return / Sharpe intervals, PSR, DSR and verdicts, and the plots. A phase that did
 not run is named as missing, never silently left out, and losses are shown as losses.
 """
 from __future__ import annotations
@@ -64,6 +65,14 @@ def supervised_section(workdir: str) -> list[str]:
       lines.append(f"| {split} | {task} | {_pct(m['accuracy'])} | {_pct(m['majority_baseline'])} | "
                    f"{100 * margin:+.1f} pts | {m['macro_f1']:.3f} |")
   lines.append('')
+  from natron.train import evaluate  # pylint: disable=g-import-not-at-top
+  for split in ('val', 'test'):
+    table = evaluate.baseline_table(report.get(split) or {}, TASKS)
+    if table:
+      lines += [f'### {split}: beside majority, momentum and linear baselines (95% block-bootstrap intervals)', '']
+      lines += table + ['']
+      lines += [f"- {split} / {task}: {report[split][task]['verdict']}." for task in TASKS
+                if 'verdict' in (report[split].get(task) or {})] + ['']
   for png in sorted(glob.glob(os.path.join(workdir, 'inspect', '*confusion*.png')))[:4]:
     lines.append(f'![{os.path.basename(png)}]({os.path.relpath(png, workdir)})')
   return lines + ['']
@@ -94,14 +103,19 @@ def backtest_section(workdir: str) -> list[str]:
     if days is not None and days < 126:
       lines.append(f'- Caution: the test span is {days} trading days; annualised return, Sharpe, Sortino and '
                    'Calmar extrapolate it to a year and overstate what a year would look like.')
-    for name in ('ppo', 'supervised'):
+    for name in ('ppo', 'supervised', 'momentum', 'linear'):
       if name in metrics:
-        total = metrics[name]['total_return']
+        m = metrics[name]
+        total = m['total_return']
         verdict = 'made' if total > 0 else 'LOST'
         flat = metrics.get('flat', {}).get('total_return', 0.0)
         bh = metrics.get('buy_and_hold', {}).get('total_return')
-        lines.append(f'- {name}: {verdict} {100 * abs(total):.2f}% after costs '
-                     f'(flat {100 * flat:+.2f}%, buy-and-hold {_pct(bh)}).')
+        ci = m.get('total_return_ci')
+        interval = f' [95% CI {_pct(ci[0])}, {_pct(ci[1])}]' if ci else ''
+        sharpe = (f"; PSR {m['psr']:.2f}, DSR {m['dsr']:.2f}" if 'psr' in m and 'dsr' in m else '')
+        lines.append(f'- {name}: {verdict} {100 * abs(total):.2f}% after costs{interval} '
+                     f'(flat {100 * flat:+.2f}%, buy-and-hold {_pct(bh)}){sharpe}'
+                     + (f". Verdict: {m['verdict']}." if 'verdict' in m else '.'))
     lines += ['', f'![equity]({os.path.relpath(os.path.join(d, "equity.png"), workdir)})', '']
   return lines
 
@@ -131,7 +145,9 @@ def build_report(workdir: str) -> str:
   source = data.get('path') or f"built-in synthetic market ({data.get('synthetic_bars')} bars)"
   lines = ['# Natron report', '', f'Workdir: `{os.path.abspath(workdir)}`  ', f'Data: {source}', '',
            'Every figure below is measured on data chronologically after the training span, separated by a '
-           'purge gap, next to a trivial baseline.', '']
+           'purge gap, next to baselines fitted on the training span only (majority, a momentum rule, a linear model), '
+           'with 95% block-bootstrap intervals and a verdict: "skill over <baseline>" only when the whole interval '
+           'of the margin lies above zero.', '']
   for section in (data_section, supervised_section, backtest_section, rl_section, attention_section):
     lines += section(workdir)
   if os.path.exists(os.path.join(workdir, 'walkforward', 'report.md')):

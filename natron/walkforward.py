@@ -42,6 +42,7 @@ PHASE = 'walkforward'
 TASKS = ('buy', 'sell', 'direction', 'regime')
 MODES = ('expanding', 'rolling')
 METRICS = ('total_return', 'sharpe', 'max_drawdown', 'num_trades')
+EVIDENCE = ('total_return_ci', 'sharpe_ci', 'psr', 'dsr', 'verdict')   # natron.backtest.evidence, when present
 # Phases a fold can run: the registry minus those that make no sense per fold (features, infer, serve,
 # walkforward itself, report).
 FOLD_PHASES = {name: phase_registry.PHASES[name]
@@ -270,6 +271,8 @@ def fold_config(config, workdir: str, data_paths: list[str], dates: dict, phases
     init = shared_model_init(config, workdir, phases)
     if init is not None:
       cfg.finetune.model_init = init
+    if 'rl' not in phases and 'finetune' in cfg:
+      cfg.finetune.rl_holdout = 0.0    # no PPO to hold bars out for: fine-tune on the whole training span
   return cfg
 
 
@@ -334,7 +337,8 @@ def fold_metrics(fold_dir: str) -> dict:
     for sym in sorted(os.listdir(root)):
       m = _load_json(os.path.join(root, sym, 'metrics.json'))
       if m is not None:
-        backtest[sym] = {p: {k: m[p].get(k) for k in METRICS} for p in m}
+        backtest[sym] = {p: {k: m[p].get(k) for k in METRICS + EVIDENCE if k in m[p] or k in METRICS}
+                         for p in m}
   costs = {}
   if os.path.isdir(root):
     for sym in sorted(os.listdir(root)):
@@ -343,8 +347,7 @@ def fold_metrics(fold_dir: str) -> dict:
       if cost is not None:
         costs[sym] = cost
   report = _load_json(os.path.join(fold_dir, 'finetune', 'report.json')) or {}
-  supervised = {t: {k: report['test'][t].get(k) for k in ('accuracy', 'macro_f1', 'majority_baseline')}
-                for t in TASKS if t in report.get('test', {})}
+  supervised = {t: _supervised_entry(report['test'][t]) for t in TASKS if t in report.get('test', {})}
   return {'backtest': backtest, 'supervised': supervised, 'costs': costs}
 
 
@@ -437,6 +440,21 @@ def _json_default(x):
   return str(x)
 
 
+def _supervised_entry(m: dict) -> dict:
+  """One task's test figures of a fold: accuracy, macro-F1, the baselines' accuracies, the margin over the best
+  baseline with its interval, and the verdict (those present in the fold's report)."""
+  out = {k: m.get(k) for k in ('accuracy', 'macro_f1', 'majority_baseline')}
+  for name, b in (m.get('baselines') or {}).items():
+    out[f'{name}_accuracy'] = b.get('accuracy')
+  if 'margin_over_best_baseline' in m:
+    best = m['margin_over_best_baseline']
+    out.update(accuracy_ci=m.get('accuracy_ci'), margin_over_best=best['value'], margin_ci=best['ci'],
+               best_baseline=best['baseline'], verdict=m.get('verdict'))
+    for name, mm in (m.get('margins') or {}).items():
+      out[f'margin_over_{name}'] = mm['value']
+  return out
+
+
 # ==========================================================================================================
 # Aggregation and report.
 # ==========================================================================================================
@@ -473,7 +491,13 @@ def aggregate(rows: list[dict]) -> dict:
   for t in TASKS:
     vals = [r['supervised'][t] for r in rows if t in r['supervised']]
     if vals:
-      supervised[t] = {k: _stats([v[k] for v in vals]) for k in ('accuracy', 'macro_f1', 'majority_baseline')}
+      keys = ('accuracy', 'macro_f1', 'majority_baseline', 'momentum_accuracy', 'linear_accuracy',
+              'margin_over_best', 'margin_over_majority', 'margin_over_momentum', 'margin_over_linear')
+      supervised[t] = {k: _stats([v.get(k) for v in vals]) for k in keys if any(k in v for v in vals)}
+      verdicts = [v['verdict'] for v in vals if v.get('verdict')]
+      if verdicts:
+        supervised[t]['folds_with_skill'] = sum(x.startswith('skill over') for x in verdicts)
+        supervised[t]['folds_with_verdict'] = len(verdicts)
   return {'backtest': backtest, 'supervised': supervised}
 
 
@@ -533,6 +557,37 @@ def cost_lines(rows: list[dict]) -> list[str]:
   return lines + ['']
 
 
+def baseline_lines(rows: list[dict], agg: dict) -> list[str]:
+  """Per fold and task: accuracy beside momentum and linear, the margin over the best baseline with its 95%
+  interval and the verdict; then the mean ± std of each margin over the folds."""
+  if not any('margin_over_best' in r['supervised'].get(t, {}) for r in rows for t in TASKS):
+    return []
+  pts = lambda x: f'{100 * x:+.1f} pts' if isinstance(x, (int, float)) else 'n/a'
+  spread = lambda x: f'{100 * x:.1f} pts' if isinstance(x, (int, float)) else 'n/a'
+  lines = ['## Supervised test accuracy beside the baselines per fold', '',
+           '| fold | task | accuracy | momentum | linear | majority | margin over best [95% CI] | verdict |',
+           '|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    for t in TASKS:
+      m = r['supervised'].get(t)
+      if not m or 'margin_over_best' not in m:
+        continue
+      ci = m['margin_ci']
+      lines.append(f"| {r['fold']} | {t} | {_num(m['accuracy'], '.3f')} | {_num(m.get('momentum_accuracy'), '.3f')} | "
+                   f"{_num(m.get('linear_accuracy'), '.3f')} | {_num(m.get('majority_accuracy'), '.3f')} | "
+                   f"{pts(m['margin_over_best'])} [{pts(ci[0])}, {pts(ci[1])}] vs {m['best_baseline']} | "
+                   f"{m['verdict']} |")
+  lines += ['', '| task | margin over momentum (mean ± std) | margin over linear (mean ± std) | '
+            'folds with skill over the best baseline |', '|---|---|---|---|']
+  for t, m in agg['supervised'].items():
+    if 'margin_over_best' not in m:
+      continue
+    lines.append(f"| {t} | {_ms(m.get('margin_over_momentum', {'mean': None}), pts, spread)} | "
+                 f"{_ms(m.get('margin_over_linear', {'mean': None}), pts, spread)} | "
+                 f"{m.get('folds_with_skill', 0)} of {m.get('folds_with_verdict', 0)} |")
+  return lines + ['']
+
+
 def report_markdown(summary: dict) -> str:
   """The walk-forward page: plan, per-fold tables, aggregates. Losses are printed as losses."""
   plan, rows, agg = summary['plan'], summary['folds'], summary['aggregate']
@@ -557,11 +612,15 @@ def report_markdown(summary: dict) -> str:
   lines.append('')
   for sym, pols in agg['backtest'].items():
     lines += [f'## Backtest per fold: {sym}', '',
-              '| fold | policy | total return | Sharpe | max drawdown | trades |', '|---|---|---|---|---|---|']
+              '| fold | policy | total return | Sharpe | max drawdown | trades | total return 95% CI | PSR / DSR | '
+              'verdict |', '|---|---|---|---|---|---|---|---|---|']
     for r in rows:
       for p, m in r['backtest'].get(sym, {}).items():
+        ci = m.get('total_return_ci')
         lines.append(f"| {r['fold']} | {p} | {_pct(m['total_return'])} | {_num(m['sharpe'])} | "
-                     f"{_drawdown(m['max_drawdown'])} | {m['num_trades']} |")
+                     f"{_drawdown(m['max_drawdown'])} | {m['num_trades']} | "
+                     f"{f'[{_pct(ci[0])}, {_pct(ci[1])}]' if ci else 'n/a'} | "
+                     f"{_num(m.get('psr'))} / {_num(m.get('dsr'))} | {m.get('verdict', '')} |")
     lines += ['', f'## Aggregate: {sym}', '',
               'Compounded return: the test blocks chained (one out-of-sample path). "Beats": folds whose test '
               'total return is higher.', '',
@@ -592,4 +651,5 @@ def report_markdown(summary: dict) -> str:
         f"{_ms(agg['supervised'][t]['macro_f1'], lambda x: _num(x, '.3f'))}" if t in agg['supervised'] else 'n/a'
         for t in TASKS) + ' |')
     lines.append('')
+    lines += baseline_lines(rows, agg)
   return '\n'.join(lines)

@@ -35,6 +35,8 @@ def tiny_config(**finetune_overrides):
   config.finetune.update(epochs=2, batch_size=64, eval_batch_size=256, log_every=10, model_init='',
                          patience=0)
   config.finetune.update(**finetune_overrides)
+  config.baselines.linear_epochs = 2
+  config.evaluation.bootstrap = 300
   config.inspect = inspect_config.section(quick=True)
   return config
 
@@ -90,6 +92,41 @@ def test_run_writes_report_with_every_required_key_and_a_loadable_bundle(full_ru
     records = [json.loads(line) for line in f]
   assert any('samples_per_sec' in r and 'eta_sec' in r for r in records)
   assert sum('val/mean_macro_f1' in r for r in records) == 2
+
+
+def test_report_fills_the_baseline_and_interval_contract(full_run):
+  """finetune/report.json: per split and task accuracy(+ci), macro_f1(+ci), baselines majority/momentum/linear,
+  margin_over_best_baseline {value, ci, baseline} and a verdict consistent with that interval."""
+  workdir, summary = full_run
+  report = read_report(workdir)
+  for split in ('val', 'test'):
+    for task in TASKS:
+      m = report[split][task]
+      for key in ('accuracy', 'accuracy_ci', 'macro_f1', 'macro_f1_ci', 'baselines', 'margin_over_best_baseline',
+                  'verdict'):
+        assert key in m, (split, task, key)
+      for key in ('accuracy_ci', 'macro_f1_ci'):
+        lo, hi = m[key]
+        assert 0.0 <= lo <= hi <= 1.0
+      for name in ('majority', 'momentum', 'linear'):
+        assert 0.0 <= m['baselines'][name]['accuracy'] <= 1.0
+        assert 0.0 <= m['baselines'][name]['macro_f1'] <= 1.0
+      # The majority baseline is the one the report always had.
+      assert m['baselines']['majority']['accuracy'] == pytest.approx(m['majority_baseline'], abs=1e-12)
+      best = m['margin_over_best_baseline']
+      assert best['baseline'] in m['baselines']
+      assert best['baseline'] == max(m['baselines'], key=lambda n: m['baselines'][n]['accuracy'])
+      # Differences of float64 ratios of the same integer counts: a few ulps.
+      assert best['value'] == pytest.approx(m['accuracy'] - m['baselines'][best['baseline']]['accuracy'], abs=1e-12)
+      lo, hi = best['ci']
+      assert lo <= hi
+      assert m['verdict'].startswith('skill over' if lo > 0 else 'no evidence of skill over')
+      assert best['baseline'] in m['verdict']
+  assert os.path.exists(os.path.join(workdir, 'finetune', 'baselines', 'linear.npz'))
+  with open(os.path.join(workdir, 'finetune', 'report.md')) as f:
+    text = f.read()
+  assert 'margin over best' in text and 'momentum' in text and 'linear' in text and '95%' in text
+  assert 'test_direction_margin_over_best' in summary
 
 
 def test_interrupted_run_resumes_to_the_same_final_metrics(full_run, tmp_path, monkeypatch):

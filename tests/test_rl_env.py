@@ -2,16 +2,19 @@
 and the rl phase end to end on a tiny bundle."""
 import json
 import os
-import shutil
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import rl as rl_config
 from natron import backtest
+from natron import baselines
 from natron import checkpoint
+from natron import data as data_lib
+from natron import dataset as dataset_lib
 from natron.errors import UserError
 from natron.rl import env as env_lib
 from natron.rl import phase
@@ -226,12 +229,19 @@ def test_jit_vmap_over_1000_envs_shares_market_arrays():
   assert step._cache_size() == 1
 
 
+def test_ppo_trains_where_the_bundle_says_fine_tuning_never_looked():
+  meta = {'rl_holdout': {'fraction': 0.3, 'start_rows': {'SYNTH': 1700}}}
+  assert phase.rl_first_row(meta, 'SYNTH', 200, 1100, 1800) == (1500, True)    # local row 1700 - 200
+  assert phase.rl_first_row({}, 'SYNTH', 200, 1100, 1800) == (1100, False)     # an older bundle: in-sample
+  with pytest.raises(UserError, match='too short'):
+    phase.rl_first_row(meta, 'SYNTH', 0, 1100, 1701)
+
+
 def test_rl_phase_end_to_end_and_resume(tmp_path, fast_compile):
   """The phase on a tiny bundle: writes its outputs, evaluates on the test span, resumes instead of retraining."""
   import test_predictor   # the session's shared tiny bundle (random weights), built once
 
   workdir = str(tmp_path)
-  shutil.copytree(test_predictor.bundle_dir(), os.path.join(workdir, 'finetune', 'bundle'))
   config = test_predictor.tiny_config()
   config.rl = rl_config.section(quick=True)
   # 1200 bars (the length test_predictor compiles features for); 1000 warm-up bars leave a short train span.
@@ -240,11 +250,27 @@ def test_rl_phase_end_to_end_and_resume(tmp_path, fast_compile):
   config.labels.regime_horizon = 12
   config.rl.update(episode_length=8, num_envs=8, num_steps=16, minibatch_size=64, update_epochs=1,
                    total_timesteps=8 * 16 * 4, log_every=2, checkpoint_every=2, num_seeds=2, random_seeds=3)
-  summary = phase.run_phase(config, workdir)
+  # The bundle records the data and split settings of its (here: pretend) fine-tuning run; the rl and backtest
+  # phases take them from there, whatever the user's config says.
+  params, meta = checkpoint.load_bundle(test_predictor.bundle_dir())
+  meta['config'] = config.to_dict()
+  checkpoint.save_bundle(os.path.join(workdir, 'finetune', 'bundle'), params, meta)
+  user = ml_collections.ConfigDict(config.to_dict())
+  user.data.synthetic_seed = 99    # a forgotten override: ignored (with a warning), the bundle's seed is used
+  config.baselines.linear_epochs = 1
+  config.evaluation.bootstrap = 200
+  # The finetune phase's baselines, fitted on this data's training span (what the rl and backtest tables trade).
+  ds = dataset_lib.build_dataset(data_lib.load_market(config.data), config)
+  preds, momentum, linear, _ = baselines.fit_and_predict(
+      ds, config, {t: np.asarray(w, np.float32) for t, w in ds.class_weights.items()})
+  baselines.save(os.path.join(workdir, 'finetune', 'baselines'), momentum, linear, {})
+  summary = phase.run_phase(user, workdir)
   rl_dir = os.path.join(workdir, 'rl')
   saved = np.load(os.path.join(rl_dir, 'policy_test.npz'), allow_pickle=True)
   assert len(saved['position']) == len(saved['close']) == len(saved['time']) == summary['test_bars'] > 0
   assert set(np.unique(saved['position'])) <= {-1.0, 0.0, 1.0}
+  # The bundle's data (seed 3), not the user's forgotten override (seed 99): the test span is its last bars.
+  np.testing.assert_array_equal(saved['close'], ds.close[-len(saved['close']):])
   # The reported test return is the backtest of the saved positions, costs included.
   result = backtest.run(saved['close'], saved['position'], cost_bps=config.backtest.cost_bps,
                         spread=saved['spread'], time=saved['time'], periods_per_year=config.backtest.periods_per_year)
@@ -272,13 +298,25 @@ def test_rl_phase_end_to_end_and_resume(tmp_path, fast_compile):
   assert meta['num_features'] == len(meta['obs_mean']) and 'actor_0' in params['params']
 
   # The backtest phase replays exactly these PPO positions on the same test span, beside the baselines.
-  bt_summary = backtest.run_phase(config, workdir)
+  bt_summary = backtest.run_phase(user, workdir)
   (symbol, policies), = bt_summary.items()
   assert policies['ppo']['total_return'] == pytest.approx(summary['test_total_return'], abs=1e-9)
   assert policies['flat']['total_return'] == 0.0 and policies['flat']['num_trades'] == 0
-  assert set(policies) == {'ppo', 'supervised', 'buy_and_hold', 'flat', 'random'}
+  assert set(policies) == {'ppo', 'supervised', 'momentum', 'linear', 'buy_and_hold', 'flat', 'random'}
   for name in ('metrics.json', 'table.md', 'equity.png'):
     assert os.path.exists(os.path.join(workdir, 'backtest', symbol, name))
+  # One evaluator: the rl phase's test table and the backtest phase's are the same figures.
+  with open(os.path.join(workdir, 'backtest', symbol, 'metrics.json')) as f:
+    bt_metrics = json.load(f)
+  with open(os.path.join(rl_dir, 'test', 'metrics.json')) as f:
+    rl_metrics = json.load(f)
+  assert set(bt_metrics) == set(rl_metrics)
+  for name, m in bt_metrics.items():
+    for key in ('total_return_ci', 'sharpe_ci', 'psr', 'dsr', 'verdict'):
+      assert key in m, (name, key)
+    assert m['total_return'] == pytest.approx(rl_metrics[name]['total_return'], abs=1e-9)
+    assert m['verdict'] == rl_metrics[name]['verdict']
+  assert bt_metrics['ppo']['trials'] == 2 and bt_metrics['supervised']['trials'] == 1
 
   # Resume: the finished checkpoint is restored, nothing is retrained, the agents are the same.
   env = env_lib.TradingEnv(meta['num_features'])

@@ -129,6 +129,29 @@ def test_aggregate_compounds_returns_and_counts_wins():
   assert 'No PPO policy' not in text and '-1.00%' in text                            # drawdown is a loss
 
 
+def test_report_shows_baselines_intervals_and_verdicts_per_fold():
+  def task(acc, margin, lo, hi):
+    verdict = ('skill over momentum' if lo > 0 else 'no evidence of skill over momentum') + ': accuracy ...'
+    return {'accuracy': acc, 'macro_f1': 0.5, 'majority_baseline': 0.4, 'majority_accuracy': 0.4,
+            'momentum_accuracy': acc - margin, 'linear_accuracy': acc - margin - 0.01, 'accuracy_ci': [0.5, 0.7],
+            'margin_over_best': margin, 'margin_ci': [lo, hi], 'best_baseline': 'momentum', 'verdict': verdict,
+            'margin_over_momentum': margin, 'margin_over_linear': margin + 0.01, 'margin_over_majority': acc - 0.4}
+  bt = {'ppo': {'total_return': 0.02, 'sharpe': 1.0, 'max_drawdown': 0.01, 'num_trades': 4,
+                'total_return_ci': [-0.01, 0.05], 'psr': 0.8, 'dsr': 0.7, 'verdict': 'no evidence of skill over flat'}}
+  rows = [{'fold': 0, 'backtest': {'X': bt}, 'supervised': {'direction': task(0.62, 0.02, 0.005, 0.04)}},
+          {'fold': 1, 'backtest': {'X': bt}, 'supervised': {'direction': task(0.58, -0.01, -0.03, 0.01)}}]
+  agg = wf.aggregate(rows)
+  d = agg['supervised']['direction']
+  assert d['margin_over_momentum']['mean'] == pytest.approx(0.005)
+  assert d['margin_over_momentum']['std'] == pytest.approx(np.std([0.02, -0.01], ddof=1))
+  assert d['folds_with_skill'] == 1 and d['folds_with_verdict'] == 2
+  text = wf.report_markdown({'plan': {'settings': {'mode': 'expanding', 'purge': 1, 'phases': ['backtest']},
+                                      'bars': 10, 'folds': []}, 'folds': rows, 'aggregate': agg})
+  assert '| 0 | direction | 0.620 | 0.600 | 0.590 | 0.400 | +2.0 pts [+0.5 pts, +4.0 pts] vs momentum |' in text
+  assert '| direction | +0.5 pts ± 2.1 pts | +1.5 pts ± 2.1 pts | 1 of 2 |' in text
+  assert '[-1.00%, +5.00%] | 0.80 / 0.70 | no evidence of skill over flat |' in text
+
+
 def test_report_states_each_folds_cost_model():
   cost = {'symbol': 'X', 'commission_bps': 1.0, 'commission_source': 'backtest.cost_bps',
           'spread_source': 'config backtest.spread: 1.2 points x point 1e-05', 'mean_spread': 1.2e-5,

@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from natron import backtest
+from natron import bundle_settings
 from natron import checkpoint
 from natron.errors import UserError
 from natron.rl import env as env_lib
@@ -75,6 +76,30 @@ def _pick_bound(bounds: list[dict], symbol: str, excluded=()) -> dict:
   raise UserError(f'rl.symbol={symbol!r} is not in the data; symbols: {[b["symbol"] for b in bounds]}.')
 
 
+def rl_first_row(meta: dict, symbol: str, lo: int, first: int, train_end: int) -> tuple[int, bool]:
+  """(first row of PPO's training episodes within the symbol, whether its observations are out-of-sample).
+
+  With finetune.rl_holdout > 0 the bundle records where each symbol's bars unseen by fine-tuning begin
+  (meta['rl_holdout']['start_rows'], global rows): PPO trains from there, on encoder outputs for bars whose
+  labels the encoder never trained on. Without it PPO trains on the whole training span, whose encoder outputs
+  partly memorise those bars' forward labels (logged as a warning; the test span stays out-of-sample).
+  """
+  holdout = meta.get('rl_holdout') or {}
+  start = (holdout.get('start_rows') or {}).get(symbol)
+  if not holdout.get('fraction') or start is None:
+    logging.warning('rl: the bundle was fine-tuned on the whole training span (finetune.rl_holdout=0): PPO '
+                    'learns from in-sample encoder outputs. Set finetune.rl_holdout (e.g. 0.3) to train it on '
+                    'bars the encoder never saw labels of.')
+    return first, False
+  start = int(start) - lo
+  if train_end - max(first, start) < 2:
+    raise UserError(f'rl: the held-out RL part of {symbol} ({train_end - start} bars before train_end) is too '
+                    'short; raise finetune.rl_holdout or use more bars.')
+  logging.info('rl: PPO trains on rows [%d, %d) of %s, held out of fine-tuning (out-of-sample observations).',
+               max(first, start), train_end, symbol)
+  return max(first, start), True
+
+
 # ================================================================================================ phase
 def run_phase(config, workdir: str) -> dict:
   from natron import data as data_lib          # pylint: disable=g-import-not-at-top
@@ -86,6 +111,8 @@ def run_phase(config, workdir: str) -> dict:
   os.makedirs(out_dir, exist_ok=True)
 
   # --- 1. Data and splits --------------------------------------------------------------------------------
+  # Data, labels and splits as the fine-tuning run recorded them in its bundle (natron.bundle_settings).
+  config = bundle_settings.resolve(config, workdir, 'rl')
   frame = data_lib.load_market(config.data)
   ds = dataset_lib.build_dataset(frame, config)
   bound = _pick_bound(ds.bounds, str(rl.get('symbol', '') or ''), ds.info.get('excluded', {}))
@@ -106,6 +133,7 @@ def run_phase(config, workdir: str) -> dict:
   pred = predictor.predict_series(part, with_encoded=True, progress=True, desc='rl: embed bars')
   first = max(int(train_ends.min()), predictor.required_candles - 1)
   train_end = int(bound['train_end']) - lo
+  first, oos = rl_first_row(predictor.meta, symbol, lo, first, train_end)
   val = (int(bound['val_start']) - lo, int(bound['val_end']) - lo)
   test = (int(bound['test_start']) - lo, hi - lo)
   rows, obs_mean, obs_std = standardise(market_rows(pred, bool(rl.use_head_probs)), first, train_end)
@@ -150,20 +178,22 @@ def run_phase(config, workdir: str) -> dict:
   test_returns = [backtest_span(p, test).metrics['total_return'] for p in test_positions]
   position = test_positions[best]
   s, e = test
-  results = {'ppo': backtest_span(position, test),
-             'supervised': backtest_span(backtest.signal_positions(pred['signal'][s:e]), test),
-             'buy_and_hold': backtest_span(backtest.buy_and_hold(e - s), test),
-             'flat': backtest_span(backtest.always_flat(e - s), test),
-             'random': backtest_span(backtest.random_policy(e - s, seed=int(config.seed)), test)}
-  random_returns = [backtest_span(backtest.random_policy(e - s, seed=int(config.seed) + k), test)
-                    .metrics['total_return'] for k in range(int(rl.random_seeds))]
   test_time = None if times is None else times[s:e]
   test_costs = costs.span(s, e)
+  # One evaluator for the test-span table (natron.backtest.test_policies / evaluate_policies), the same as the
+  # backtest phase's: PPO beside the supervised signal, momentum, the linear model, buy-and-hold, flat, random.
+  policies, trials = backtest.test_policies(workdir, ds, bound, np.arange(s, e), pred['signal'][s:e], config,
+                                            ppo_position=position, ppo_trials=int(rl.num_seeds))
+  results, found = backtest.evaluate_policies(close[s:e], policies, test_costs, config, time=test_time,
+                                              trials=trials)
+  random_returns = [backtest_span(backtest.random_policy(e - s, seed=int(config.seed) + k), test)
+                    .metrics['total_return'] for k in range(int(rl.random_seeds))]
   table = backtest.save_results(results, os.path.join(out_dir, 'test'), time=test_time,
                                 title=f'{symbol} test span, net of costs (PPO seed {best} chosen on validation)',
-                                cost=test_costs)
+                                cost=test_costs, evidence_=found)
   np.savez(os.path.join(out_dir, 'policy_test.npz'), position=position, close=close[s:e], spread=spread[s:e],
-           time=np.asarray([]) if test_time is None else test_time, symbol=symbol, start_row=lo + s)
+           time=np.asarray([]) if test_time is None else test_time, symbol=symbol, start_row=lo + s,
+           trials=int(rl.num_seeds))
   save_policy(os.path.join(out_dir, 'policy'), jax.tree.map(lambda x: np.asarray(x[best]), params), {
       'symbol': symbol, 'seed_index': best, 'obs_mean': obs_mean, 'obs_std': obs_std, 'obs_clip': 10.0,
       'use_head_probs': bool(rl.use_head_probs), 'num_features': int(rows.shape[1]),
@@ -187,7 +217,17 @@ def run_phase(config, workdir: str) -> dict:
       'random_total_return_std': float(np.std(random_returns)),
       'beats_flat': bool(ppo_m['total_return'] > results['flat'].metrics['total_return']),
       'beats_random': bool(ppo_m['total_return'] > np.mean(random_returns)),
+      'test_total_return_ci': found['ppo']['total_return_ci'],
+      'test_sharpe_ci': found['ppo']['sharpe_ci'],
+      'test_psr': found['ppo']['psr'],
+      'test_dsr': found['ppo']['dsr'],
+      'verdict': found['ppo']['verdict'],
+      'verdicts': found['ppo']['verdicts'],
+      'momentum_total_return': results['momentum'].metrics['total_return'] if 'momentum' in results else None,
+      'linear_total_return': results['linear'].metrics['total_return'] if 'linear' in results else None,
       'chosen_seed': best,
+      'observations': 'out-of-sample (finetune.rl_holdout)' if oos else 'in-sample encoder outputs',
+      'train_rows': [first, train_end],
       'val_total_return_per_seed': [float(v) for v in val_returns],
       'test_total_return_per_seed': [float(v) for v in test_returns],
       'cost_bps': cost_bps,

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from natron import stats
+
 TASKS = ('buy', 'sell', 'direction', 'regime')
 
 
@@ -118,6 +120,49 @@ def evaluate_predictions(preds: Mapping[str, np.ndarray], labels: Mapping[str, n
   return out
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Baselines, intervals and a verdict (the finetune/report.json contract).
+# ----------------------------------------------------------------------------------------------------------
+MARGIN_METRIC = 'accuracy'   # majority is a no-skill floor in accuracy (not in macro-F1, where it scores low)
+
+
+def bootstrap_block(label_params: Mapping | None, config_block: int = -1, task: str | None = None) -> int:
+  """Block length in windows: config_block when > 0, else the task's label horizon (regime_horizon for regime,
+  horizon for the others; the longest over symbols), or the longest of both when `task` is None."""
+  if int(config_block) > 0:
+    return int(config_block)
+  keys = (('regime_horizon',) if task == 'regime' else ('horizon',)) if task else ('horizon', 'regime_horizon')
+  horizons = [int(p.get(k, 0)) for p in (label_params or {}).values() if isinstance(p, Mapping) for k in keys]
+  return max(horizons + [1])
+
+
+def with_baselines(task_entry: Mapping, labels: np.ndarray, model_preds: np.ndarray,
+                   baseline_preds: Mapping[str, np.ndarray], num_classes: int, *, block: int,
+                   n_boot: int = stats.N_BOOT, seed: int = 0, level: float = stats.LEVEL) -> dict:
+  """`task_entry` (task_metrics) plus intervals, baselines, margins and the verdict of one task on one split.
+
+  Adds: accuracy_ci, macro_f1_ci ([lo, hi]); baselines {name: {accuracy, accuracy_ci, macro_f1, macro_f1_ci}};
+  margins {name: {value, ci}} (model - baseline in accuracy, paired bootstrap); margin_over_best_baseline
+  {value, ci, baseline, metric} against the baseline with the highest accuracy on this split (the strongest
+  opponent, chosen conservatively on the evaluated rows); verdict (stats.verdict of that margin);
+  bootstrap {block, replicates, level, kind}.
+  """
+  ci = stats.classification_intervals(labels, {'model': model_preds, **baseline_preds}, num_classes,
+                                      block=block, n_boot=n_boot, seed=seed, level=level)
+  out = dict(task_entry)
+  out.update(accuracy_ci=ci['model']['accuracy_ci'], macro_f1_ci=ci['model']['macro_f1_ci'])
+  out['baselines'] = {name: stats.public(ci[name]) for name in baseline_preds}
+  out['margins'] = {name: stats.margin(ci['model'], ci[name], MARGIN_METRIC, level) for name in baseline_preds}
+  best = max(baseline_preds, key=lambda name: (ci[name][MARGIN_METRIC], name == 'majority'))
+  out['margin_over_best_baseline'] = {**out['margins'][best], 'baseline': best, 'metric': MARGIN_METRIC}
+  out['verdict'] = stats.verdict(out['margins'][best], best, metric=MARGIN_METRIC, level=level)
+  out['verdicts'] = {name: stats.verdict(m, name, metric=MARGIN_METRIC, level=level)
+                     for name, m in out['margins'].items()}
+  out['bootstrap'] = {'kind': 'circular block', 'block': int(block), 'replicates': int(n_boot), 'level': level,
+                      'seed': int(seed)}
+  return out
+
+
 def metric_value(metrics: Mapping, name: str) -> float:
   """Looks up an early-stopping metric: 'mean_macro_f1', 'mean_accuracy', 'loss' or '<task>_<metric>'."""
   if name in metrics and not isinstance(metrics[name], Mapping):
@@ -185,8 +230,38 @@ def predict_split(predict_fn: Callable, params, batches: Iterable[Mapping[str, n
 # ----------------------------------------------------------------------------------------------------------
 # Markdown summary (report.md).
 # ----------------------------------------------------------------------------------------------------------
+def _ci(values) -> str:
+  lo, hi = values
+  return f'[{lo:.3f}, {hi:.3f}]'
+
+
+def baseline_table(split_report: Mapping, tasks=TASKS) -> list[str]:
+  """Markdown rows: each task's model accuracy and macro-F1 (with intervals) beside every baseline's, the
+  margin over the best baseline with its interval, and the verdict in words."""
+  names = None
+  lines = []
+  for task in tasks:
+    m = split_report.get(task)
+    if not m or 'baselines' not in m:
+      continue
+    if names is None:
+      names = list(m['baselines'])
+      lines += ['| task | model accuracy | ' + ' | '.join(f'{n} acc.' for n in names)
+                + ' | model macro-F1 | ' + ' | '.join(f'{n} F1' for n in names) + ' | margin over best | verdict |',
+                '|---' * (5 + 2 * len(names)) + '|']
+    best = m['margin_over_best_baseline']
+    lines.append(
+        f"| {task} | {m['accuracy']:.3f} {_ci(m['accuracy_ci'])} | "
+        + ' | '.join(f"{m['baselines'][n]['accuracy']:.3f}" for n in names)
+        + f" | {m['macro_f1']:.3f} {_ci(m['macro_f1_ci'])} | "
+        + ' | '.join(f"{m['baselines'][n]['macro_f1']:.3f}" for n in names)
+        + f" | {100 * best['value']:+.1f} pts [{100 * best['ci'][0]:+.1f}, {100 * best['ci'][1]:+.1f}] vs "
+        f"{best['baseline']} | {m['verdict']} |")
+  return lines
+
+
 def report_markdown(report: Mapping, class_names: Mapping[str, tuple[str, ...]]) -> str:
-  """A table per split with each task's accuracy and macro-F1 beside its majority baseline."""
+  """A table per split with each task's accuracy and macro-F1 beside its baselines, intervals and verdict."""
   lines = ['# Fine-tuning report', '']
   for split in ('val', 'test'):
     if split not in report:
@@ -199,6 +274,20 @@ def report_markdown(report: Mapping, class_names: Mapping[str, tuple[str, ...]])
       lines.append(f"| {task} | {m['accuracy']:.4f} | {m['majority_baseline']:.4f} | "
                    f"{m['accuracy'] - m['majority_baseline']:+.4f} | {m['macro_f1']:.4f} | {m['n']} |")
     lines.append('')
+    table = baseline_table(report[split])
+    if table:
+      boot = report[split][TASKS[0]].get('bootstrap', {})
+      blocks = ', '.join(f"{t} {report[split][t].get('bootstrap', {}).get('block')}" for t in TASKS)
+      lines += [f'### {split}: baselines, {100 * boot.get("level", 0.95):.0f}% intervals and verdicts', '',
+                'Every baseline is fitted on the training span only (momentum: volatility-scaled past return; '
+                "regime: the label's rule on the trailing window; linear: DLinear-style logistic regression on "
+                f"the same scaled window). Intervals: {boot.get('kind', 'block')} bootstrap, blocks of the label "
+                f"horizon ({blocks} windows), {boot.get('replicates')} replicates; margins are paired.", '']
+      lines += table + ['']
+      lines += [f"- {task}: {report[split][task]['verdict']}; vs majority: "
+                f"{report[split][task]['verdicts'].get('majority', 'n/a')}" for task in TASKS
+                if 'verdict' in report[split][task]]
+      lines.append('')
     for task in TASKS:
       m = report[split][task]
       names = class_names[task]

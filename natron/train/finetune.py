@@ -8,8 +8,12 @@ restore, evals, loop, final report. Everything lands in `DIR/finetune/`:
                  metric; the meta of each holds the early-stopping bookkeeping, so a resumed run continues
                  exactly where the interrupted one stopped.
   metrics.jsonl  one JSON line per log step and per epoch (+ tensorboard/).
-  report.json    report[split][task][accuracy|macro_f1|majority_baseline|precision|recall|confusion_matrix]
-                 for split in (val, test), computed with the best epoch's parameters; report.md beside it.
+  report.json    report[split][task][accuracy|accuracy_ci|macro_f1|macro_f1_ci|baselines|margins|
+                 margin_over_best_baseline|verdict|majority_baseline|precision|recall|confusion_matrix] for
+                 split in (val, test), computed with the best epoch's parameters beside the baselines of
+                 natron.baselines (majority, momentum, linear; fitted on the training span only) with paired
+                 block-bootstrap intervals (natron.stats); report.md beside it, verdicts in words.
+  baselines/     momentum.json (fitted rule), linear.npz (linear model), info.json: what the backtest trades.
   bundle/        params + meta (scaler, feature names, schema hash, ...): what serving and RL load.
 
 Initialisation order: this phase's own latest checkpoint (resume), then `finetune.model_init` (a pretrain
@@ -36,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from natron import baselines as baselines_lib
 from natron import checkpoint
 from natron import data as data_lib
 from natron import dataset as dataset_lib
@@ -174,6 +179,44 @@ def params_digest(params) -> str:
   return h.hexdigest()
 
 
+def rl_start_rows(ds, holdout: float) -> dict:
+  """{symbol: first global row of its RL part}: the last `holdout` fraction of each symbol's training span
+  (from its first training window end to its train_end). 0 -> the symbol's train_end (no RL part)."""
+  if not 0.0 <= holdout < 1.0:
+    raise UserError(f'finetune.rl_holdout must be in [0, 1), got {holdout}.')
+  out = {}
+  for b in ds.bounds:
+    ends = ds.ends['train'][(ds.ends['train'] >= b['start']) & (ds.ends['train'] < b['stop'])]
+    first = int(ends.min()) if len(ends) else int(b['train_end'])
+    out[str(b['symbol'])] = int(b['train_end']) - int(round(holdout * (int(b['train_end']) - first)))
+  return out
+
+
+def hold_out_for_rl(ds, holdout: float) -> dict:
+  """Keeps the later part of the training span out of fine-tuning, for PPO (DESIGN.md rule 2: anything
+  trained on a model's outputs sees out-of-sample outputs).
+
+  Training windows whose labels read any bar at or after their symbol's RL start (`rl_start_rows`) are dropped
+  from ds.ends['train'] (in place): the purge is exact, no label of the encoder's training reaches into the RL
+  part, so the encoder's outputs there are out-of-sample like on validation and test. The scaler and class
+  weights stay those of the whole training span (the scaler reads no label). Returns {symbol: RL start row}.
+  """
+  starts = rl_start_rows(ds, holdout)
+  if holdout <= 0:
+    return starts
+  ends = ds.ends['train']
+  limit = np.zeros(len(ends), np.int64)
+  for b in ds.bounds:
+    inside = (ends >= b['start']) & (ends < b['stop'])
+    limit[inside] = starts[str(b['symbol'])]
+  keep = dataset_lib.label_end_rows(ends, ds.labels.t1) < limit
+  logging.info('finetune: %d of %d training windows kept for the encoder; the last %.0f%% of the training span '
+               '(%d windows, purged by label end) is left to PPO.', int(keep.sum()), len(ends), 100 * holdout,
+               int((ends >= limit).sum()))
+  ds.ends['train'] = ends[keep]
+  return starts
+
+
 def _device_batch(batch: Mapping[str, np.ndarray]) -> dict:
   """The arrays the jitted functions read ('end' is int64 bookkeeping for the host only)."""
   return {k: v for k, v in batch.items() if k != 'end'}
@@ -305,6 +348,7 @@ def run_phase(config, workdir: str) -> dict:
   # Data: features, labels, purged splits and the train-span statistics (scaler, class weights).
   # ========================================================================================================
   ds = dataset_lib.build_dataset(data_lib.load_market(config.data), config)
+  rl_starts = hold_out_for_rl(ds, float(_get(cfg, 'rl_holdout', 0.0)))
   train_ends = ds.split_ends('train')
   for split in ('train', 'val', 'test'):
     if not len(ds.split_ends(split)):
@@ -418,12 +462,28 @@ def run_phase(config, workdir: str) -> dict:
   # ========================================================================================================
   # Final evaluation of the best epoch on val and test; report and serving bundle.
   # ========================================================================================================
+  baseline_preds, momentum, linear, linear_history = baselines_lib.fit_and_predict(ds, config, class_weights)
+  baselines_lib.save(os.path.join(out_dir, 'baselines'), momentum, linear,
+                     {'linear_history': linear_history, 'kernel': baselines_lib.KERNEL})
+  ev = config.evaluation
   report = {}
   for split in ('val', 'test'):
-    metrics, _ = run_eval(best_state.params, split)
-    report[split] = {t: metrics[t] for t in TASKS}
+    metrics, result = run_eval(best_state.params, split)
+    ends = ds.split_ends(split)
+    if not np.array_equal(result['end'], ends):
+      raise AssertionError('predictions are not aligned with the split windows')   # a bug, never user input
+    report[split] = {}
+    for task in TASKS:
+      report[split][task] = evaluate.with_baselines(
+          metrics[task], result['labels'][task], result['preds'][task],
+          {name: p[task] for name, p in baseline_preds[split].items()}, labels_lib.NUM_CLASSES[task],
+          block=evaluate.bootstrap_block(ds.info.get('label_params'), int(ev.block), task),
+          n_boot=int(ev.bootstrap), seed=seed, level=float(ev.level))
     report[split].update(mean_macro_f1=metrics['mean_macro_f1'], mean_accuracy=metrics['mean_accuracy'],
                          loss=metrics['loss'])
+  report['baselines'] = {'momentum': {t: momentum[t] for t in ('buy', 'sell', 'direction')},
+                         'regime_rule': 'regime label rule on the trailing window',
+                         'linear_epochs': len(linear_history)}
   report['run'] = {
       'best_epoch': stopper.best_epoch + 1, 'best_step': int(best_step), 'epochs_run': progress['epoch'],
       'epochs': epochs, 'stopped_early': progress['stopped_early'], 'early_stopping_metric': es_metric,
@@ -434,7 +494,8 @@ def run_phase(config, workdir: str) -> dict:
   _write_report(out_dir, report)
   summary = summarize(report)
   params = jax.device_get(best_state.params)
-  save_serving_bundle(os.path.join(out_dir, 'bundle'), params, config, ds, summary, int(best_step))
+  save_serving_bundle(os.path.join(out_dir, 'bundle'), params, config, ds, summary, int(best_step),
+                      rl_starts=rl_starts)
   logging.info('finetune done: %s', json.dumps(summary))
   return summary
 
@@ -450,6 +511,12 @@ def summarize(report: Mapping) -> dict:
     out[f'test_{task}_baseline'] = m['majority_baseline']
     out[f'test_{task}_margin'] = m['accuracy'] - m['majority_baseline']
     out[f'test_{task}_macro_f1'] = m['macro_f1']
+    if 'margin_over_best_baseline' in m:
+      best = m['margin_over_best_baseline']
+      out[f'test_{task}_best_baseline'] = best['baseline']
+      out[f'test_{task}_margin_over_best'] = best['value']
+      out[f'test_{task}_margin_over_best_lo'], out[f'test_{task}_margin_over_best_hi'] = best['ci']
+      out[f'test_{task}_skill'] = m['verdict'].startswith('skill')
   return out
 
 
@@ -466,8 +533,13 @@ def _write_report(out_dir: str, report: Mapping) -> None:
     f.write(text)
 
 
-def save_serving_bundle(directory: str, params, config, ds, summary: Mapping, step: int) -> str:
-  """The bundle serving, RL and inspection load: params + everything needed to rebuild the inputs."""
+def save_serving_bundle(directory: str, params, config, ds, summary: Mapping, step: int,
+                        rl_starts: Mapping | None = None) -> str:
+  """The bundle serving, RL and inspection load: params + everything needed to rebuild the inputs.
+
+  `rl_starts` {symbol: global row}: where each symbol's bars unseen by fine-tuning begin inside the training
+  span (finetune.rl_holdout); the rl phase trains PPO from there.
+  """
   warmup = int(features_lib.WARMUP)
   meta = {
       'config': config.to_dict() if hasattr(config, 'to_dict') else dict(config),
@@ -482,5 +554,7 @@ def save_serving_bundle(directory: str, params, config, ds, summary: Mapping, st
       'thresholds': {'signal': float(config.backtest.threshold)},
       'model_version': f'{MODEL_VERSION_PREFIX}-{params_digest(params)[:12]}',
       'metrics': dict(summary),
+      'rl_holdout': {'fraction': float(_get(config.finetune, 'rl_holdout', 0.0)) if 'finetune' in config else 0.0,
+                     'start_rows': {str(k): int(v) for k, v in (rl_starts or {}).items()}},
   }
   return checkpoint.save_bundle(directory, params, meta, step=step)
