@@ -357,20 +357,13 @@ def _point_of(symbol: str, config, points) -> float | None:
   text = config.data.get('point', None) if 'data' in config else None
   if not text:
     return None
-  entries = {}
-  for part in str(text).split(','):
-    name, _, value = part.rpartition('=')
-    entries[name.strip() or '*'] = value
-  value = entries.get(symbol, entries.get('*'))
-  if value is None:
-    return None
-  try:
-    point = float(value)
-  except ValueError as e:
-    raise UserError(f'data.point: {value!r} is not a price increment such as 1e-5.') from e
-  if not point > 0:
-    raise UserError(f'data.point must be > 0, got {value!r}.')
-  return point
+  from natron.data import parse_point_setting  # pylint: disable=g-import-not-at-top
+  if isinstance(text, str) and '=' in text:   # per symbol: only this symbol's entry matters here
+    entries = dict(part.split('=', 1) for part in text.split(',') if '=' in part)
+    text = entries.get(symbol)
+    if text is None:
+      return None
+  return parse_point_setting(text, [symbol])[symbol]
 
 
 def resolve_costs(part: pd.DataFrame, symbol: str, config, points: dict | None = None, *,
