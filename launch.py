@@ -130,6 +130,11 @@ def main(argv):
   std_logging.getLogger('absl').addFilter(_QuietLibraries())
   from natron.errors import UserError  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
+  if 'serve' not in phases_of(config):
+    # Batch jobs keep freed host memory mapped for reuse (glibc would unmap XLA's tens-of-MB buffers every step:
+    # ~670k page faults per seed-scale step). Not for the server, which must give memory back after bursts.
+    from natron.train import state as state_lib  # pylint: disable=g-import-not-at-top
+    state_lib.keep_host_memory_mapped()
   if config.get('distributed', False):
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()

@@ -10,15 +10,19 @@ Parameter layout (fine-tuning and PPO rely on it): everything up to and includin
 under `params['encoder']`, the four task heads under `params['heads'][task]`. `NatronPretrain` uses the very
 same `Encoder`, so `pretrain_params['encoder']` drops into `NatronModel` params unchanged.
 
-Precision: `dtype` is the compute dtype of the matmuls ('float32' or 'bfloat16'), `param_dtype` the storage
-dtype. The residual stream, LayerNorm statistics, softmax and every logit stay float32, so bfloat16 compute
-changes logits only by matmul rounding.
+Precision: `dtype` is the input dtype of every dense and attention matmul ('float32' or 'bfloat16'),
+`param_dtype` the storage dtype. With 'bfloat16' each dot rounds its two inputs to bfloat16 and accumulates
+and returns float32 (`mixed_dot_general`, forward and backward: the hardware's fast path, AMX / AVX512_BF16 on
+Intel CPUs, tensor cores on GPUs); parameters, gradients, the residual stream, LayerNorm statistics, softmax,
+GELU, dropout, logits and losses stay float32, so bfloat16 changes results only by the rounding of the dots'
+inputs. With 'float32' the dots are plain float32 `lax.dot_general`s.
 
 Dropout (rate `dropout`, also on the attention weights unless `attention_dropout` is set) draws its masks
 from a counter-based hash (`Dropout`, impl 'hash') rather than jax.random.bernoulli: the same Bernoulli
 masks in distribution, at a small fraction of threefry's cost on CPU (`model.dropout_impl = 'jax'` restores
 flax's behaviour). See experiments/bench_train.py.
 """
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -46,6 +50,112 @@ def _get(config, key: str, default=None):
   if isinstance(config, Mapping):
     return config.get(key, default)
   return config.get(key, default) if hasattr(config, 'get') else getattr(config, key, default)
+
+
+# ============================================================================ mixed-precision matmuls
+def _materialized_transpose(x, perm):
+  """x transposed by `perm`, kept as a real row-major copy (the identity permutation returns x itself).
+
+  The barrier stops XLA from folding the transpose back into the dot's dimension numbers: XLA:CPU hands
+  only dots whose lhs contracts its last dimension to its bf16 matmul library (YNNPACK) and, in jaxlib
+  0.10, crashes on the others ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32").
+  """
+  if tuple(int(i) for i in perm) == tuple(range(x.ndim)):
+    return x
+  x = jnp.transpose(x, tuple(int(i) for i in perm))
+  # GPU matmul libraries take transposed operands directly: there XLA may fold the transpose away.
+  return jax.lax.optimization_barrier(x) if jax.default_backend() == 'cpu' else x
+
+
+def _canonical_dot(lhs, rhs, dimension_numbers):
+  """lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=float32) as ONE matmul of the form
+  [batch, M, K] x [batch, K, N] (or [M, K] x [K, N]) on row-major operands, the form CPU matmul libraries
+  take; the result has dot_general's axis order (batch, lhs free, rhs free)."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  lf = [i for i in range(lhs.ndim) if i not in lc and i not in lb]
+  rf = [i for i in range(rhs.ndim) if i not in rc and i not in rb]
+  batch = [lhs.shape[i] for i in lb]
+  m_shape, n_shape = [lhs.shape[i] for i in lf], [rhs.shape[i] for i in rf]
+  k = int(np.prod([lhs.shape[i] for i in lc], dtype=np.int64))
+  m, n = int(np.prod(m_shape, dtype=np.int64)), int(np.prod(n_shape, dtype=np.int64))
+  lead = [int(np.prod(batch, dtype=np.int64))] if batch else []
+  a = _materialized_transpose(lhs, list(lb) + lf + list(lc)).reshape(lead + [m, k])
+  b = _materialized_transpose(rhs, list(rb) + list(rc) + rf).reshape(lead + [k, n])
+  dims = (((2,), (1,)), ((0,), (0,))) if batch else (((1,), (0,)), ((), ()))
+  out = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  return out.reshape(batch + m_shape + n_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _mixed_dot(lhs, rhs, dimension_numbers, compute_dtype):
+  return _canonical_dot(lhs.astype(compute_dtype), rhs.astype(compute_dtype), dimension_numbers)
+
+
+def _mixed_dot_fwd(lhs, rhs, dimension_numbers, compute_dtype):
+  lhs, rhs = lhs.astype(compute_dtype), rhs.astype(compute_dtype)
+  # The rounded operands are the residuals: half the memory of float32 ones.
+  return _canonical_dot(lhs, rhs, dimension_numbers), (lhs, rhs)
+
+
+def _mixed_dot_bwd(dimension_numbers, compute_dtype, residuals, g):
+  """Both operand cotangents as float32 products of bf16 operands, each ONE canonical matmul.
+
+  Written out rather than taken from JAX's transpose rule, which would cast the float32 products back to
+  the operands' bf16 (losing gradient precision) and leave transposes that XLA folds into non-canonical
+  dots. Each product is ordered so that its result needs no transpose for the common dense-layer cases.
+  """
+  lhs, rhs = residuals
+  g = g.astype(compute_dtype)
+  (lc, rc), (lb, rb) = dimension_numbers
+  lf = [i for i in range(lhs.ndim) if i not in lc and i not in lb]
+  rf = [i for i in range(rhs.ndim) if i not in rc and i not in rb]
+  nb = len(lb)
+  g_batch = tuple(range(nb))
+  g_lf = tuple(range(nb, nb + len(lf)))                 # g's axes: batch, lhs free, rhs free
+  g_rf = tuple(range(nb + len(lf), g.ndim))
+  # d_lhs[lb, lf, lc] = sum_rf g[b, lf, rf] rhs[rb, rc, rf]; result axes: batch, lf, rc (in rhs order).
+  d_lhs = _canonical_dot(g, rhs, ((g_rf, tuple(rf)), (g_batch, tuple(rb))))
+  d_lhs = _materialized_transpose(
+      d_lhs, np.argsort(list(lb) + lf + [lc[j] for j in np.argsort(rc)]))
+  # d_rhs[rb, rc, rf] = sum_lf lhs[lb, lf, lc] g[b, lf, rf]; result axes: batch, lc (in lhs order), rf.
+  d_rhs = _canonical_dot(lhs, g, ((tuple(lf), g_lf), (tuple(lb), g_batch)))
+  d_rhs = _materialized_transpose(
+      d_rhs, np.argsort(list(rb) + [rc[j] for j in np.argsort(lc)] + rf))
+  return d_lhs, d_rhs
+
+
+_mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
+
+
+def mixed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *,
+                      compute_dtype=jnp.bfloat16, **unused):
+  """A `lax.dot_general` (Flax's `dot_general=` hook) that multiplies in `compute_dtype`, accumulates in f32.
+
+  Forward: both operands rounded to `compute_dtype`, products summed and returned in float32. Backward: the
+  output cotangent is rounded to `compute_dtype` and both transposed products again accumulate in float32,
+  so the gradient of every (float32) operand is float32. This is the mode bfloat16 hardware is built for
+  (AMX and AVX512_BF16 on CPUs, tensor cores on GPUs). A dot returning bfloat16 instead is slower on CPU:
+  XLA then rounds every partial sum, and the result feeds float32 consumers anyway.
+  """
+  del precision, preferred_element_type, unused
+  # Float32 at the boundary: the custom VJP then hands back float32 cotangents whatever the caller's dtype,
+  # and the cast of a bfloat16 operand to float32 and back is exact (XLA removes it).
+  return _mixed_dot(jnp.asarray(lhs, jnp.float32), jnp.asarray(rhs, jnp.float32),
+                    _normalize_dims(dimension_numbers), jnp.dtype(compute_dtype))
+
+
+def _normalize_dims(dimension_numbers):
+  (lc, rc), (lb, rb) = dimension_numbers
+  return (tuple(int(i) for i in lc), tuple(int(i) for i in rc)), (tuple(int(i) for i in lb),
+                                                                  tuple(int(i) for i in rb))
+
+
+def dot_general_for(dtype) -> Any:
+  """The dot_general the model's matmuls use for compute `dtype`: plain lax for float32, else mixed."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32:
+    return jax.lax.dot_general
+  return functools.partial(mixed_dot_general, compute_dtype=dtype)
 
 
 def sinusoidal_encoding(window: int, d_model: int) -> np.ndarray:
@@ -127,20 +237,22 @@ class SelfAttention(nn.Module):
       raise ValueError(f'd_model={d_model} is not divisible by num_heads={self.num_heads}.')
     head_dim = d_model // self.num_heads
     init = nn.initializers.xavier_uniform()
-    qkv = nn.DenseGeneral((3, self.num_heads, head_dim), use_bias=False, kernel_init=init, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name='qkv')(x)   # [B, W, 3, H, Dh]
+    dot = dot_general_for(self.dtype)
+    dense = dict(use_bias=False, kernel_init=init, dtype=jnp.float32, param_dtype=self.param_dtype,
+                 dot_general=dot)
+    qkv = nn.DenseGeneral((3, self.num_heads, head_dim), name='qkv', **dense)(x)   # [B, W, 3, H, Dh]
     # No key bias: it adds q.b_k to every logit of a query row, which the softmax cancels, so its gradient
     # is pure rounding noise that Adam would amplify into random drift.
     qv_bias = self.param('qv_bias', nn.initializers.zeros_init(), (2, self.num_heads, head_dim),
-                         self.param_dtype).astype(self.dtype)
+                         self.param_dtype).astype(jnp.float32)
     q, k, v = qkv[:, :, 0] + qv_bias[0], qkv[:, :, 1], qkv[:, :, 2] + qv_bias[1]
     q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    logits = dot(q, k, (((3,), (3,)), ((0, 2), (0, 2))))                 # float32 [B, H, Wq, Wk]
     weights = jax.nn.softmax(logits, axis=-1)                             # float32 [B, H, W, W]
     dropped = Dropout(self.dropout, not train, self.dropout_impl)(weights)
-    out = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(self.dtype), v)
-    out = nn.DenseGeneral(d_model, axis=(-2, -1), kernel_init=init, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name='out')(out)
+    out = dot(dropped, v, (((3,), (1,)), ((0, 1), (0, 2))))               # [B, H, Wq, Dh]
+    out = nn.DenseGeneral(d_model, axis=(-2, -1), name='out', **dict(dense, use_bias=True))(
+        out.transpose(0, 2, 1, 3))
     return out, weights
 
 
@@ -156,17 +268,18 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform())
+    dense = dict(dtype=jnp.float32, param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
+                 dot_general=dot_general_for(self.dtype))
     h = nn.LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name='ln_attn')(x)
     h, weights = SelfAttention(self.num_heads, self.attention_dropout, self.dtype, self.param_dtype,
                                self.dropout_impl, name='attn')(h, train=train)
-    x = x + Dropout(self.dropout, not train, self.dropout_impl)(h).astype(jnp.float32)
+    x = x + Dropout(self.dropout, not train, self.dropout_impl)(h)
     h = nn.LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name='ln_ff')(x)
     h = nn.Dense(self.d_ff, name='ff_in', **dense)(h)
     h = nn.gelu(h, approximate=False)
     h = Dropout(self.dropout, not train, self.dropout_impl)(h)
     h = nn.Dense(x.shape[-1], name='ff_out', **dense)(h)
-    x = x + Dropout(self.dropout, not train, self.dropout_impl)(h).astype(jnp.float32)
+    x = x + Dropout(self.dropout, not train, self.dropout_impl)(h)
     return x, weights
 
 
@@ -196,8 +309,9 @@ class Encoder(nn.Module):
     if self.pos_encoding not in POS_ENCODINGS:
       raise ValueError(f'Unknown pos_encoding {self.pos_encoding!r}; expected one of {POS_ENCODINGS}.')
     batch, window, _ = x.shape
-    h = nn.Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=nn.initializers.xavier_uniform(), name='embed')(x).astype(jnp.float32)
+    h = nn.Dense(self.d_model, dtype=jnp.float32, param_dtype=self.param_dtype,
+                 kernel_init=nn.initializers.xavier_uniform(), dot_general=dot_general_for(self.dtype),
+                 name='embed')(x)
     if step_mask is not None:
       h = jnp.where(step_mask[..., None], mask_token.astype(jnp.float32)[None, None, :], h)
     if self.pos_encoding == 'sinusoidal':
@@ -257,7 +371,8 @@ class MLPHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name='hidden')(x)
+    h = nn.Dense(self.hidden, dtype=jnp.float32, param_dtype=self.param_dtype,
+                 dot_general=dot_general_for(self.dtype), name='hidden')(x)
     h = Dropout(self.dropout, not train, self.dropout_impl)(nn.gelu(h, approximate=False))
     return nn.Dense(self.out, dtype=jnp.float32, param_dtype=self.param_dtype, name='out')(h)
 
@@ -320,7 +435,8 @@ class NatronPretrain(nn.Module):
     sequence, encoded, _ = make_encoder(cfg)(x, train=train, step_mask=mask, mask_token=mask_token)
     reconstruction = nn.Dense(x.shape[-1], dtype=jnp.float32, param_dtype=param_dtype,
                               name='reconstruction')(sequence)
-    h = nn.Dense(d_model, dtype=dtype, param_dtype=param_dtype, name='projection_hidden')(encoded)
+    h = nn.Dense(d_model, dtype=jnp.float32, param_dtype=param_dtype, dot_general=dot_general_for(dtype),
+                 name='projection_hidden')(encoded)
     projection = nn.Dense(self.projection_dim, dtype=jnp.float32, param_dtype=param_dtype,
                           name='projection_out')(nn.gelu(h, approximate=False))
     return dict(reconstruction=reconstruction, projection=projection, encoded=encoded)

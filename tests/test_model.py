@@ -80,6 +80,84 @@ def test_bf16_compute_keeps_f32_params_and_logits_close_to_f32():
   assert not np.array_equal(np.asarray(low['buy']), np.asarray(ref['buy']))   # it really computed in bf16
 
 
+# The dot shapes the model uses: Dense, DenseGeneral over two axes (attention output), the attention scores
+# and the attention average (batch dims in the middle of the operands).
+_DOTS = [((6, 5, 8), (8, 3), (((2,), (0,)), ((), ()))),
+         ((2, 5, 3, 4), (3, 4, 6), (((2, 3), (0, 1)), ((), ()))),
+         ((2, 5, 3, 4), (2, 7, 3, 4), (((3,), (3,)), ((0, 2), (0, 2)))),
+         ((2, 3, 5, 7), (2, 7, 3, 4), (((3,), (1,)), ((0, 1), (0, 2))))]
+
+
+@pytest.mark.parametrize('lhs_shape,rhs_shape,dims', _DOTS)
+def test_mixed_dot_general_is_bf16_inputs_f32_accumulation_forward_and_backward(lhs_shape, rhs_shape, dims):
+  bf = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+  x, y = jax.random.normal(k1, lhs_shape), jax.random.normal(k2, rhs_shape)
+  mixed = lambda a, b: model_lib.mixed_dot_general(a, b, dims)
+  exact = lambda a, b: jax.lax.dot_general(a, b, dims, precision=jax.lax.Precision.HIGHEST)
+  out, vjp = jax.vjp(mixed, x, y)
+  ref, ref_vjp = jax.vjp(exact, bf(x), bf(y))       # the same products on the rounded operands, in f32
+  g = jax.random.normal(k3, out.shape)
+  dx, dy = vjp(g)
+  rx, ry = ref_vjp(bf(g))                            # the backward pass rounds the cotangent to bf16 too
+  assert out.dtype == dx.dtype == dy.dtype == jnp.float32
+  assert dx.shape == x.shape and dy.shape == y.shape
+  # bf16 x bf16 products are exact in f32; only the f32 sums (<= 35 terms here) round: gamma_35 times the sum
+  # of the terms' magnitudes, which is the same products taken on absolute values.
+  _, abs_vjp = jax.vjp(exact, jnp.abs(bf(x)), jnp.abs(bf(y)))
+  bounds = [exact(jnp.abs(bf(x)), jnp.abs(bf(y))), *abs_vjp(jnp.abs(bf(g)))]
+  for got, want, bound in zip((out, dx, dy), (ref, rx, ry), bounds):
+    np.testing.assert_array_less(np.abs(np.asarray(got - want)), gamma32(35) * np.asarray(bound) + 1e-30)
+  assert not np.allclose(np.asarray(out), np.asarray(exact(x, y)), rtol=1e-5, atol=0)   # inputs were rounded
+
+
+def test_bf16_training_reaches_the_f32_runs_validation_metrics():
+  """Same data, init and dropout noise; only the matmul input precision differs.
+
+  Task: the buy label is the sign of feature 0's mean over the window, sell the sign of feature 1's (Bayes
+  accuracy 1; a linear read-out of the mean pooling suffices). Tolerance: both runs must learn (accuracy
+  > 0.85 on 512 held-out windows, chance 0.5) and agree within 0.06 in accuracy (~4 binomial standard errors
+  of a 512-sample accuracy near 0.9) and 15% in validation loss: bf16 rounding (2^-9 relative per operand)
+  perturbs each step's gradient by far less than minibatch noise, so the runs may differ by noise, not bias.
+  """
+  rng = np.random.default_rng(0)
+
+  def data(n):
+    x = rng.normal(size=(n, W, F)).astype(np.float32)
+    mean = x.mean(axis=1)
+    labels = {'buy': (mean[:, 0] > 0).astype(np.int32), 'sell': (mean[:, 1] > 0).astype(np.int32),
+              'direction': np.full(n, -1, np.int32), 'regime': np.full(n, -1, np.int32)}
+    return dict(x=x, weight=np.ones(n, np.float32), mask=np.ones(n, np.float32), **labels)
+
+  train, val = data(1024), data(512)
+  weights = dict(buy=1.0, sell=1.0)
+  results = {}
+  for dtype in ('float32', 'bfloat16'):
+    model = model_lib.NatronModel(tiny_config(dtype=dtype, dropout=0.0))
+    mesh = state_lib.make_mesh()
+    opt = state_lib.make_optimizer(ml_collections.ConfigDict(dict(lr=3e-3, warmup_steps=5)), 120)
+    state = state_lib.init_state(lambda r, b, m=model: m.init(r, b['x'], train=False)['params'], opt,
+                                 {'x': train['x'][:64]}, jax.random.PRNGKey(0), mesh)
+
+    def loss_fn(params, b, key, m=model):
+      out = m.apply({'params': params}, b['x'], train=True, rngs={'dropout': key})
+      return losses.multitask_loss(out, b, task_weights=weights)
+
+    step = state_lib.make_train_step(loss_fn, opt, mesh)
+    for i in range(120):
+      rows = np.arange(i * 64, (i + 1) * 64) % len(train['x'])
+      state, _ = step(state, {k: v[rows] for k, v in train.items()}, jax.random.PRNGKey(1))
+    out = model.apply({'params': state.params}, val['x'], train=False)
+    loss, metrics = losses.multitask_loss(out, val, task_weights=weights)
+    results[dtype] = dict(loss=float(loss), buy=float(metrics['accuracy_buy']),
+                          sell=float(metrics['accuracy_sell']))
+  f32, b16 = results['float32'], results['bfloat16']
+  for task in ('buy', 'sell'):
+    assert f32[task] > 0.85 and b16[task] > 0.85, results
+    assert abs(f32[task] - b16[task]) <= 0.06, results
+  assert abs(f32['loss'] - b16['loss']) <= 0.15 * f32['loss'], results
+
+
 def test_dropout_only_in_training_and_seeded():
   model = model_lib.NatronModel(tiny_config(dropout=0.3))
   x = inputs()

@@ -3,12 +3,22 @@
   trainer = make_trainer(config.rl, env, env_params)        # sizes derived here, outside any trace
   out = jax.jit(trainer.train)(jax.random.key(0), env_params)
   outs = jax.jit(jax.vmap(trainer.train, in_axes=(0, None)))(jax.random.split(key, 4), env_params)  # 4 seeds
+  outs = jit_over_seeds(trainer.train, 4)(jax.random.split(key, 4), env_params)   # seeds over GPUs
 
 Inside `train`: one `lax.scan` over updates; each update is a scan over `num_steps` vectorised env steps, a
 reverse scan for GAE, and a scan over `update_epochs` epochs holding a scan over shuffled minibatches.
 gymnax 1.x auto-resets and reports `terminated` and `truncated` separately plus `info['final_observation']`:
 at a truncation (the episode's time limit) the return is bootstrapped with the value of the final
 observation; only a true termination cuts the bootstrap (`compute_gae`).
+
+Parallelism (issue 12): one agent's PPO is a long chain of tiny ops (64-unit MLPs on minibatches of 256),
+too small to split across threads: XLA's CPU runtime hands ready ops to its other pool threads, and those
+hand-offs cost more than the ops, so one process with 2 threads ran slower than with 1 (0.79-0.9x measured).
+Cores pay off across agents instead. `jit_over_seeds` vmaps seeds and shards the seed axis over devices
+(no collectives: each device runs whole agents): that spreads seeds over GPUs, but on CPU with jaxlib 0.10
+two fake host devices (`--xla_force_host_platform_device_count`) share one intra-op pool and their PPO
+programs barely overlap (measured ~1x). On CPU run one process per core, each pinned to its core with one
+XLA thread (experiments/bench_rl.py `processes`: 1.79x the 1-core rate on 2 cores, ~198k env steps/s).
 
 Market arrays reach the jitted function as the `env_params` argument (not closed over: closed-over arrays
 would become constants of the compiled program). `make_train(config, env, env_params)` returns
@@ -289,6 +299,29 @@ def make_trainer(config, env: env_lib.TradingEnv, env_params: env_lib.EnvParams 
   return Trainer(network=network, num_updates=num_updates, num_minibatches=num_minibatches,
                  batch_size=batch, init=init, run=run, train=train,
                  evaluate=functools.partial(evaluate, network, env))
+
+
+def seed_mesh(num_seeds: int, devices=None) -> jax.sharding.Mesh:
+  """1-D mesh ('seed') over the largest number of `devices` (default: all) that divides `num_seeds`."""
+  devices = list(devices if devices is not None else jax.devices())
+  n = max(d for d in range(1, min(len(devices), num_seeds) + 1) if num_seeds % d == 0)
+  return jax.sharding.Mesh(np.array(devices[:n]), ('seed',))
+
+
+def jit_over_seeds(fn: Callable, num_seeds: int, *, devices=None, donate: bool = False) -> Callable:
+  """`jax.jit(jax.vmap(fn, in_axes=(0, None)))` with the seed axis sharded over devices.
+
+  `fn(per_seed, shared)`, e.g. `trainer.train(rng, env_params)` or `lambda r, p: trainer.run(r, p, n)`:
+  the first argument carries a leading seed axis (split over the 'seed' mesh axis), the second (the market)
+  is replicated, and every output keeps the seed axis, sharded. Seeds are independent, so the partitioned
+  program has no collectives. Results equal the single-device vmap's (the same per-seed program). With one
+  device this is the plain jit(vmap). Use it for several GPUs; on CPU see the module docstring (processes).
+  """
+  mesh = seed_mesh(num_seeds, devices)
+  per_seed = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('seed'))
+  shared = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(jax.vmap(fn, in_axes=(0, None)), in_shardings=(per_seed, shared), out_shardings=per_seed,
+                 donate_argnums=(0,) if donate else ())
 
 
 def _require(env_params):
