@@ -1,4 +1,4 @@
-r"""Batch inference: one prediction row per bar of a series (natron.predictor.run_phase).
+r"""Batch inference: one prediction row per bar of a series (natron.infer.run_phase).
 
   python launch.py --config=configs/infer.py --workdir=runs/demo --config.data.path=bars.csv \
       --config.output=predictions.csv

@@ -8,6 +8,9 @@ Binds 127.0.0.1 (this machine only) unless --config.host=0.0.0.0. HTTP on `port`
 POST /predict, POST /batch_predict, WS /ws); the same app also listens on `ws_port` (default 8765) for the
 seed's standalone ws://localhost:8765 WebSocket clients (0 turns that second socket off). API docs at /docs.
 
+--config.exported=DIR/export (written by configs/export.py for the same bundle) calls its natron.jax instead of
+tracing the feature graph at start-up (refused if it was exported from another model or for another backend).
+
 Expected start-up on 2 CPU cores: minutes the first time (the feature graph is compiled once per batch bucket
 and for the series chunk), seconds on later starts (compiled executables are reused from workdir/serve/jax_cache).
 Expected latency (experiments/bench_serve.py; figures in the README): /predict of required_candles candles a
@@ -36,6 +39,7 @@ def section(quick: bool = False) -> ml_collections.ConfigDict:
   serve.buckets = (1, 8, 32, 128)  # batch sizes compiled at start-up; requests are padded to one
   serve.threshold = -1.0         # signal threshold; < 0 -> the bundle's thresholds.signal
   serve.compilation_cache_dir = 'auto'  # JAX persistent cache; 'auto': workdir/serve/jax_cache, '': off
+  serve.exported = ''            # a DIR/export of configs/export.py: call its natron.jax instead of tracing
   serve.log_level = 'warning'
   serve.access_log = False
   return serve

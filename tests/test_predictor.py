@@ -1,8 +1,10 @@
-"""Predictor: train/serve parity, bucket padding without recompiles, the signal rule, clear errors.
+"""predict_fn, Predictor (series path) and the serving engine: train/serve parity, bucket padding without
+recompiles, the signal rule (natron.signals), the infer phase, clear errors.
 
 One tiny bundle (random parameters, a scaler fitted on real feature rows, saved with checkpoint.save_bundle)
-is built once per test session by `shared_predictor()`; tests/test_serve.py serves the same Predictor, so the
-feature graph is compiled only for bucket 4, one series chunk and one series length.
+is built once per test session by `bundle_dir()`; `shared_predictor()` is its ServingPredictor
+(natron.serve.engine), which tests/test_serve.py serves too, so the feature graph is compiled only for
+bucket 4, one series chunk and one series length.
 """
 import atexit
 import functools
@@ -22,7 +24,10 @@ from natron.data import synthetic_market
 from natron.dataset import fit_scaler
 from natron.labels import DIRECTIONS, REGIMES
 from natron.model import NatronModel
-from natron.predictor import Predictor, TooFewCandles, resolve_bundle, signal_rule
+from natron import predictor as predictor_lib
+from natron.predictor import Predictor, TooFewCandles, resolve_bundle
+from natron.serve.engine import ServingPredictor
+from natron.signals import signal_rule
 from conftest import gamma32, prob_atol
 
 WINDOW = 16
@@ -77,8 +82,8 @@ def bundle_dir() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def shared_predictor() -> Predictor:
-  return Predictor.load(bundle_dir(), buckets=BUCKETS, series_chunk=SERIES_CHUNK)
+def shared_predictor() -> ServingPredictor:
+  return ServingPredictor.load(bundle_dir(), buckets=BUCKETS, series_chunk=SERIES_CHUNK)
 
 
 def ohlcv_array(frame: pd.DataFrame) -> np.ndarray:
@@ -113,8 +118,7 @@ def test_train_serve_parity(predictor):
   served = predictor.predict(windows, times=frame['time'].to_numpy()[bars])
   for key in ('buy_prob', 'sell_prob', 'direction_probs', 'regime_probs'):
     np.testing.assert_allclose(served[key], series[key][bars], atol=atol(), rtol=0)
-  # The embedding is LayerNorm-scale (|x| ~ 1-5), not a probability: the same path bound, relative to it.
-  np.testing.assert_allclose(served['encoded'], series['encoded'][bars], rtol=2 * atol(), atol=2 * atol())
+  assert 'encoded' not in served    # the served function returns probabilities only (predict_fn)
   assert list(served['signal']) == list(series['signal'][bars])
   # More candles than needed: only the last required_candles count.
   longer = predictor.predict(candles[:r + 41])
@@ -188,7 +192,7 @@ def test_signal_rule_edges():
 def test_infer_phase_writes_one_row_per_bar(tmp_path):
   """The batch-inference CLI path: CSV in, one prediction row per bar out."""
   from configs import infer as infer_config   # pylint: disable=g-import-not-at-top
-  from natron.predictor import run_phase   # pylint: disable=g-import-not-at-top
+  from natron.infer import run_phase   # pylint: disable=g-import-not-at-top
   frame = market()
   csv = tmp_path / 'bars.csv'
   frame.drop(columns=['spread']).assign(time=frame['time'].dt.strftime('%Y-%m-%d %H:%M:%S')).to_csv(
@@ -218,3 +222,26 @@ def test_bundle_with_other_feature_schema_is_refused(tmp_path):
     Predictor.load(other, buckets=())
   with pytest.raises(checkpoint.CheckpointError, match='No Natron bundle'):
     Predictor.load(str(tmp_path / 'nowhere'))
+
+
+def test_series_predictor_compiles_nothing_until_used():
+  """Predictor.load (backtests, RL, infer) builds no buckets; the old keywords are accepted and ignored."""
+  series = Predictor.load(bundle_dir(), buckets=(1, 8), series_chunk=0)
+  assert not hasattr(series, 'predict') and not hasattr(series, 'buckets')
+  assert series.predict_series(market().iloc[:series.required_candles + 2])['valid'][-3:].all()
+
+
+def test_predict_fn_is_the_served_function(predictor):
+  """predict_fn(params, meta) on points == the engine's bucketed window path (same arithmetic, batch 1)."""
+  params, meta = checkpoint.load_bundle(bundle_dir())
+  frame = market()
+  r = predictor.required_candles
+  window = ohlcv_array(frame)[-r:]
+  fn = jax.jit(predictor_lib.predict_fn(params, meta))
+  out = fn(predictor_lib.candles_in_points(window[None]))
+  served = predictor.predict(window)
+  assert set(out) == {'buy_prob', 'sell_prob', 'direction_probs', 'regime_probs'}
+  for key in out:
+    np.testing.assert_allclose(np.asarray(out[key]), served[key], atol=atol(), rtol=0)
+  with pytest.raises(Exception, match='candles'):
+    fn(np.zeros((1, r - 1, 5), np.float32))

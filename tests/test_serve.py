@@ -551,3 +551,118 @@ def test_openapi_fuzz_finds_no_server_errors(predictor):
 
     fuzz()
   app.state.service.batcher.close()
+
+
+# --- The EA's trading rules (mt5/NatronEA.mq5, both engines; mirrored in tests/mt5_client.py) -----------------
+def test_ea_acts_only_on_a_bar_that_closed_within_one_period():
+  period = 900
+  opened = 1_700_000_100 - 1_700_000_100 % period
+  assert mt5_client.bar_is_fresh(opened, period, opened + period)            # first tick of the next bar
+  assert mt5_client.bar_is_fresh(opened, period, opened + 2 * period - 1)
+  assert not mt5_client.bar_is_fresh(opened, period, opened + 2 * period)    # a whole period later: stale
+  assert not mt5_client.bar_is_fresh(opened, period, opened + 63 * 3600)     # after a weekend
+  assert not mt5_client.bar_is_fresh(opened, period, opened + period - 1)    # not closed yet
+
+
+def test_ea_refuses_a_long_closed_bar_on_attach_weekend_or_outage():
+  bars = market().iloc[:40].reset_index(drop=True)
+  handler = lambda request: httpx.Response(200, json={'timestamp': 0, 'buy_prob': 0.9, 'sell_prob': 0.05,
+                                                      'signal': 'BUY'})
+  forming = int(bars['time'].iloc[31].timestamp())
+  ea = mt5_client.EAClient('http://natron.test/predict', required_candles=20, transport=httpx.MockTransport(
+      handler), server_now=lambda: forming + 3 * 3600)     # the terminal was offline for hours
+  ea.init(bars.iloc[:31])
+  decision = ea.on_tick(bars.iloc[:32])
+  assert decision.action == 'REFUSED' and 'stale bar' in decision.reason and not decision.body   # nothing sent
+
+
+def test_ea_probability_reader_rejects_exponents_garbage_and_out_of_range():
+  assert mt5_client.read_probability('0.000001') == pytest.approx(1e-6)
+  assert mt5_client.read_probability('1.0') == 1.0 and mt5_client.read_probability('0') == 0.0
+  for bad in ('1e-06', '-0.1', '1.5', 'nan', 'abc', '', None, '0.5.1', '+0.5'):
+    assert mt5_client.read_probability(bad) is None, bad
+  reply = '{"timestamp":1,"buy_prob":1e-06,"sell_prob":0.2,"signal":"HOLD"}'
+  assert mt5_client.read_probability(mt5_client.json_get_token(reply, 'buy_prob')) is None
+
+
+def test_server_never_writes_probabilities_in_exponent_form():
+  record = {'buy_prob': 1e-6, 'sell_prob': np.float32(3e-8), 'direction_probs': {'UP': 2.5e-7},
+            'regime_probs': [1e-10, 0.5], 'confidence': 0.999999, 'x': float('nan'), 'n': 7}
+  text = schemas.encode_json(record).decode()
+  assert 'e-' not in text and 'E-' not in text and 'e+' not in text
+  back = orjson.loads(text)
+  assert back['buy_prob'] == 1e-6 and back['direction_probs']['UP'] == 2.5e-7   # the same doubles
+  assert back['sell_prob'] == float(np.float32(3e-8)) and back['x'] is None and back['n'] == 7
+  assert mt5_client.read_probability(mt5_client.json_get_token(text, 'buy_prob')) == 1e-6
+
+
+def test_ea_lots_are_floored_to_the_step_and_refused_below_the_minimum():
+  assert mt5_client.normalize_lots(0.157, 0.01, 0.01, 100) == 0.15            # floored, never up
+  assert mt5_client.normalize_lots(0.10, 0.01, 0.01, 100) == 0.10             # exact steps survive rounding
+  assert mt5_client.normalize_lots(0.7, 0.1, 0.1, 100) == 0.7
+  assert mt5_client.normalize_lots(0.009, 0.01, 0.01, 100) == 0.0             # below the minimum: refuse
+  assert mt5_client.normalize_lots(0.25, 0.1, 0.5, 100) == 0.0                # 0.2 < min 0.5: refuse, not 0.5
+  assert mt5_client.normalize_lots(250, 0.01, 0.01, 100) == 100               # capped at the maximum
+  assert mt5_client.margin_ok(120.0, 500.0) and not mt5_client.margin_ok(600.0, 500.0)
+  assert not mt5_client.margin_ok(None, 500.0)                                # OrderCalcMargin failed
+
+
+def test_ea_stops_sit_beyond_the_stops_and_freeze_levels_on_the_side_the_broker_checks():
+  point, digits = 1e-5, 5
+  bid, ask = 1.10000, 1.10020                                                 # a 2-pip spread
+  # Far stops: ATR distances from the entry (Ask for a buy, Bid for a sell), on the grid.
+  sl, tp = mt5_client.stop_prices(True, bid, ask, 0.0010, 1.5, 3.0, 10, 0, point, digits)
+  assert (sl, tp) == (round(ask - 0.0015, 5), round(ask + 0.0030, 5))
+  sl, tp = mt5_client.stop_prices(False, bid, ask, 0.0010, 1.5, 3.0, 10, 0, point, digits)
+  assert (sl, tp) == (round(bid + 0.0015, 5), round(bid - 0.0030, 5))
+  # A tiny ATR: a buy's SL/TP are pushed beyond the level from the BID, a sell's from the ASK.
+  for stops, freeze in ((30, 0), (0, 30), (20, 30)):
+    level = max(stops, freeze)
+    sl, tp = mt5_client.stop_prices(True, bid, ask, 0.00001, 1.5, 3.0, stops, freeze, point, digits)
+    assert bid - sl > level * point and tp - bid > level * point
+    sl, tp = mt5_client.stop_prices(False, bid, ask, 0.00001, 1.5, 3.0, stops, freeze, point, digits)
+    assert sl - ask > level * point and ask - tp > level * point
+  # Measured from the entry instead, the buy's target would sit inside the level seen from the Bid.
+  assert (ask + 3.0 * 0.00001) - bid < 30 * point
+  assert mt5_client.stop_prices(True, bid, ask, 0.001, 0.0, 0.0, 10, 10, point, digits) == (0.0, 0.0)
+  assert mt5_client.can_close(True, bid, ask, sl=bid - 50 * point, tp=0.0, freeze_level=30, point=point)
+  assert not mt5_client.can_close(True, bid, ask, sl=bid - 20 * point, tp=0.0, freeze_level=30, point=point)
+  assert not mt5_client.can_close(False, bid, ask, sl=0.0, tp=ask - 10 * point, freeze_level=30, point=point)
+
+
+def test_ea_exits_never_depend_on_atr_and_netting_accounts_do_not_net_against_our_short():
+  plan = mt5_client.plan_actions
+  assert plan('BUY', own_long=0, own_short=1, netting=False) == ['close_short', 'open_long']
+  assert plan('BUY', own_long=0, own_short=1, netting=True) == ['close_short', 'open_long']
+  assert plan('BUY', own_long=0, own_short=1, netting=False, close_on_opposite=False) == ['open_long']  # hedge
+  assert plan('BUY', own_long=0, own_short=1, netting=True, close_on_opposite=False) == [
+      'skip: netting would reduce the short']
+  assert plan('SELL', own_long=0, own_short=0, netting=True, foreign=1) == [
+      'skip: another position on this netting symbol']
+  assert plan('BUY', own_long=1, own_short=0, netting=True) == []
+  assert plan('HOLD', own_long=1, own_short=1, netting=False, close_on_hold=True) == ['close_long', 'close_short']
+  assert plan('HOLD', own_long=1, own_short=0, netting=False) == []
+  assert [mt5_client.classify_retcode(c) for c in (10009, 10008, 10010, 10019)] == [
+      'done', 'done', 'partial', 'failed']
+  # Closes come first and need no ATR: NatronEA.mq5 Act() reads the ATR only after them, to open.
+  source = open(mt5_client.__file__.replace('tests/mt5_client.py', 'mt5/NatronEA.mq5')).read()
+  act = source[source.index('void Act(const string decision)'):]
+  assert act.index('CloseOwn(theirs)') < act.index('CopyBuffer(g_atr_handle')
+
+
+def test_ea_retries_required_candles_on_a_timer_instead_of_unloading():
+  up = {'ok': False}
+
+  def model_info(request):
+    if not up['ok']:
+      raise httpx.ConnectError('refused', request=request)
+    return httpx.Response(200, json={'required_candles': 20})
+
+  ea = mt5_client.EAClient('http://natron.test/predict', transport=httpx.MockTransport(model_info))
+  bars = market().iloc[:40].reset_index(drop=True)
+  assert ea.init(bars.iloc[:30]) is False            # the server is still starting: init does not fail
+  decision = ea.on_tick(bars.iloc[:31])
+  assert decision.action == 'REFUSED' and 'required_candles unknown' in decision.reason
+  assert ea.on_timer() is False and ea.timer_retries == 1
+  up['ok'] = True
+  assert ea.on_timer() is True and ea.required == 20

@@ -48,7 +48,7 @@ from natron.features import trend
 from natron.features import volatility
 from natron.features import volume
 
-FEATURES_VERSION = 'natron-features-v1'
+FEATURES_VERSION = 'natron-features-v2'   # v2: computed on prices in points (exact on quote grids)
 
 # Category name -> module, in the column order of the feature matrix.
 CATEGORIES = {

@@ -59,7 +59,7 @@ def _cdf_rows(lo, row_w, l, inv, v, window: int, bins: int):
     # per element a subtract, a multiply and the clip.
     return below + vk * jnp.clip((edge_levels - (lk - lo)) * ik, 0.0, 1.0)
 
-  return lax.fori_loop(0, window, add_lag, jnp.zeros((bins - 1, rows), jnp.float32))
+  return P.fori(window, add_lag, jnp.zeros((bins - 1, rows), jnp.float32), unroll=False)
 
 
 def volume_histogram(h, l, v, window: int = WINDOW, bins: int = BINS, chunk: int | None = None):
@@ -161,11 +161,13 @@ def _value_area(p, share: float = VALUE_AREA):
     go_down = grow & ~go_up
     acc = acc + jnp.where(go_up, up, jnp.where(go_down, down, 0.0))
     lo_b, hi_b = lo_b - go_down.astype(jnp.int32), hi_b + go_up.astype(jnp.int32)
-    nxt = neighbour(jnp.where(go_up, hi_b + 1, lo_b - 1), jnp.where(go_up, hi_b < bins - 1, lo_b > 0))
+    # The bool select as logic (ONNX Runtime has no Where kernel for bool tensors; same values).
+    in_range = (go_up & (hi_b < bins - 1)) | (~go_up & (lo_b > 0))
+    nxt = neighbour(jnp.where(go_up, hi_b + 1, lo_b - 1), in_range)
     return lo_b, hi_b, acc, jnp.where(go_up, nxt, up), jnp.where(go_down, nxt, down)
 
   init = (poc, poc, _pick(p, poc), neighbour(poc + 1, poc < bins - 1), neighbour(poc - 1, poc > 0))
-  lo_b, hi_b, *_ = lax.fori_loop(0, bins - 1, step, init)
+  lo_b, hi_b, *_ = P.fori(bins - 1, step, init, unroll=False)
   return poc, lo_b, hi_b
 
 

@@ -84,7 +84,7 @@ def centred_window_sums(x, c, windows, block: int, w=None) -> dict:
     return tuple(s + jnp.where(q < n // block, term, 0.0) for s, n in zip(acc, windows))
 
   # Unrolled: one fused kernel (a while loop copies its tuple carry every iteration).
-  sums = lax.fori_loop(0, q_max, step, tuple(jnp.zeros_like(c) for _ in windows), unroll=True)
+  sums = P.fori(q_max, step, tuple(jnp.zeros_like(c) for _ in windows), unroll=True)
   return dict(zip(windows, sums))
 
 

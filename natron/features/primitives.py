@@ -114,7 +114,38 @@ def lag_fold(xs, n: int, init, body):
 
   # Unrolled up to UNROLL_LAGS lags: XLA then fuses the whole fold into one multi-output kernel; a while loop
   # with a tuple carry copies its accumulators every iteration (measured ~10x slower for three of them).
-  return lax.fori_loop(0, n, step, init, unroll=n <= UNROLL_LAGS)
+  return fori(n, step, init, unroll=n <= UNROLL_LAGS)
+
+
+def log1p(x: jax.Array) -> jax.Array:
+  """log(1 + x) to float32 accuracy without relying on any log's accuracy near 1, [same shape].
+
+  |x| < 0.1 (every ordinary return): 2 atanh(s), s = x / (2 + x), as its odd series to s**9 (truncation
+  below 1e-13 relative: s**2 < 0.0028); otherwise log(1 + x), where 1 + x is far enough from 1 for any log.
+  jnp.log1p is exact in XLA, but ONNX has no Log1p: jax2onnx lowers it to Log(1 + x), which drops the low
+  digits of a one-bar return, and ONNX Runtime's Log is accurate near 1 only in absolute terms (~1e-7, i.e.
+  1e-3 of a 1e-4 return). Built from + - * / only, this gives the same numbers in XLA and in ONNX Runtime.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  s = x / (2.0 + x)
+  s2 = s * s
+  series = 2.0 * s * (1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0)))))
+  return jnp.where(jnp.abs(x) < 0.1, series, jnp.log(1.0 + x))
+
+
+def fori(n: int, body, init, *, unroll: bool):
+  """`lax.fori_loop(0, n, body, init)` as the `lax.scan` it lowers to; fully unrolled in Python when `unroll`.
+
+  The same program as fori_loop with static bounds, written with the primitives themselves so the ONNX export
+  (natron.export) sees a plain scan: jax2onnx replaces `lax.fori_loop` with its own binding, which takes no
+  `unroll` and cannot lower a body that closes over traced arrays (the lagged series here).
+  """
+  if not unroll:
+    return lax.scan(lambda acc, i: (body(i, acc), None), init, jnp.arange(n, dtype=jnp.int32))[0]
+  acc = init
+  for i in range(n):
+    acc = body(jnp.int32(i), acc)   # a constant int32, as fori_loop's traced index
+  return acc
 
 
 def _lag_fold(x: jax.Array, n: int, init, body):

@@ -23,12 +23,12 @@ WARMUP = max(max(HORIZONS), VOL_WINDOW)
 def log_return(x: jax.Array, k: int = 1) -> jax.Array:
   """log(x[t] / x[t-k]) for positive x, [T] (NaN for t < k)."""
   prev = P.lag(x, k)
-  return jnp.log1p((x - prev) / prev)
+  return P.log1p((x - prev) / prev)
 
 
 def log_ratio(a: jax.Array, b: jax.Array) -> jax.Array:
   """log(a / b) for nearby positive a, b, with the precision of their difference."""
-  return jnp.log1p((a - b) / b)
+  return P.log1p((a - b) / b)
 
 
 def returns_var(r: jax.Array, n: int) -> jax.Array:

@@ -57,6 +57,9 @@ def market_structure(c, swing_high, high_price, swing_low, low_price):
   """
   nan = jnp.float32(jnp.nan)
   init = (nan, jnp.bool_(False), nan, jnp.bool_(False), jnp.float32(0.0), jnp.float32(SINCE_CAP))
+  # float32 constants, not Python floats: the ONNX exporter (natron.export) binds jnp.where / jnp.minimum with
+  # float64 scalars, which would change the scan carry's dtype.
+  one, zero, cap = jnp.float32(1.0), jnp.float32(0.0), jnp.float32(SINCE_CAP)
 
   def step(state, x):
     sh, sh_live, sl, sl_live, trend, since = state
@@ -70,10 +73,10 @@ def market_structure(c, swing_high, high_price, swing_low, low_price):
     down_break = sl_live & (close < sl)
     bull = up_break & ~down_break
     bear = down_break & ~up_break
-    bos = jnp.where(bull & (trend >= 0), 1.0, 0.0) - jnp.where(bear & (trend <= 0), 1.0, 0.0)
-    choch = jnp.where(bull & (trend < 0), 1.0, 0.0) - jnp.where(bear & (trend > 0), 1.0, 0.0)
-    trend = jnp.where(bull, 1.0, jnp.where(bear, -1.0, trend))
-    since = jnp.where(bull | bear, 0.0, jnp.minimum(since + 1.0, SINCE_CAP))
+    bos = jnp.where(bull & (trend >= 0), one, zero) - jnp.where(bear & (trend <= 0), one, zero)
+    choch = jnp.where(bull & (trend < 0), one, zero) - jnp.where(bear & (trend > 0), one, zero)
+    trend = jnp.where(bull, one, jnp.where(bear, -one, trend))
+    since = jnp.where(bull | bear, zero, jnp.minimum(since + one, cap))
     state = (sh, sh_live & ~up_break, sl, sl_live & ~down_break, trend, since)
     return state, (bos, choch, trend, since) + live
 

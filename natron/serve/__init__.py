@@ -1,4 +1,4 @@
-"""Serving: FastAPI REST + WebSocket over `natron.predictor.Predictor` (see natron/serve/app.py)."""
+"""Serving: FastAPI REST + WebSocket (app.py) over the bucketed engine `natron.serve.engine.ServingPredictor`."""
 from natron.serve.app import MicroBatcher, ServeSettings, create_app, run_phase
 from natron.serve.schemas import InvalidRequest
 

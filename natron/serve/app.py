@@ -45,7 +45,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 import numpy as np
-import orjson
 
 from natron.data import grid
 from natron.errors import UserError
@@ -307,7 +306,7 @@ def _elapsed_ms(start: float) -> float:
 
 
 def _json(payload, status: int = 200) -> Response:
-  return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+  return Response(schemas.encode_json(payload), status_code=status,
                   media_type='application/json')
 
 
@@ -563,7 +562,7 @@ def create_app(predictor, serve_config: Optional[Mapping[str, Any]] = None) -> F
         raw = message.get('text')
         raw = raw if raw is not None else message.get('bytes', b'')
         reply = await session.handle(raw)
-        await websocket.send_text(orjson.dumps(reply, option=orjson.OPT_SERIALIZE_NUMPY).decode())
+        await websocket.send_text(schemas.encode_json(reply).decode())
     except WebSocketDisconnect:
       return
 
@@ -617,7 +616,8 @@ def compilation_cache_dir(setting: str, workdir: str) -> str:
 
 def run_phase(config, workdir: str) -> dict:
   """Loads the bundle (config.bundle or workdir/finetune/bundle), compiles, and serves until interrupted."""
-  from natron.predictor import Predictor, _optional_threshold   # pylint: disable=g-import-not-at-top
+  from natron.predictor import optional_threshold   # pylint: disable=g-import-not-at-top
+  from natron.serve.engine import ServingPredictor   # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   cache = compilation_cache_dir(config.get('compilation_cache_dir', 'auto'), workdir)
   if cache:
@@ -625,8 +625,10 @@ def run_phase(config, workdir: str) -> dict:
     # Restarts load the compiled buckets from disk instead of recompiling the feature graph (minutes on a
     # small CPU). Entries are keyed by the exact computation, so a changed model or code never hits.
     jax.config.update('jax_compilation_cache_dir', cache)
-  predictor = Predictor.load(config.get('bundle') or workdir, buckets=tuple(config.get('buckets', (1, 8, 32, 128))),
-                             threshold=_optional_threshold(config.get('threshold', -1.0)))
+  predictor = ServingPredictor.load(config.get('bundle') or workdir,
+                                    buckets=tuple(config.get('buckets', (1, 8, 32, 128))),
+                                    threshold=optional_threshold(config.get('threshold', -1.0)),
+                                    exported=config.get('exported', ''))
   app = create_app(predictor, config)
   host = config.get('host', '127.0.0.1')
   sockets = [bind(host, int(config.port))]
@@ -643,4 +645,5 @@ def run_phase(config, workdir: str) -> dict:
   server = make_server(app, host=host, log_level=config.get('log_level', 'warning'),
                        access_log=bool(config.get('access_log', False)))
   server.run(sockets=sockets)
-  return {'startup_s': round(ready, 2), 'model_version': predictor.model_version}
+  return {'startup_s': round(ready, 2), 'compile_s': round(predictor.compile_seconds, 2),
+          'model_version': predictor.model_version}

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import operator
 from typing import Any, Literal, Optional, Union
 
@@ -100,6 +101,35 @@ def decode_json(body: bytes) -> Any:
     return orjson.loads(body)
   except orjson.JSONDecodeError as e:
     raise InvalidRequest(f'Body is not valid JSON: {e}', rule='json') from None
+
+
+def _positional(x: float):
+  """A finite float as a JSON number without an exponent (orjson writes 1e-6 for 0.000001; MQL5's
+  StringToDouble and many hand-written clients read only plain decimals); NaN/inf unchanged (-> null)."""
+  text = repr(x)
+  if 'e' not in text or x != x or x in (math.inf, -math.inf):
+    return x
+  return orjson.Fragment(np.format_float_positional(x, trim='0'))   # shortest digits: the same double
+
+
+def _plain_floats(obj):
+  if isinstance(obj, float):
+    return _positional(obj)
+  if isinstance(obj, dict):
+    return {k: _plain_floats(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_plain_floats(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return _plain_floats(obj.tolist())
+  if isinstance(obj, np.floating):
+    return _positional(float(obj))
+  return obj
+
+
+def encode_json(payload: Any) -> bytes:
+  """The server's one JSON encoder (REST and WebSocket replies): orjson, with every float written as a plain
+  decimal (never 1e-06): the EA reads probabilities with StringToDouble and range-checks them."""
+  return orjson.dumps(_plain_floats(payload), option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _where(window: Optional[int], index: Optional[int] = None, field: Optional[str] = None) -> str:

@@ -1,0 +1,340 @@
+r"""Export phase: the whole candles-to-probabilities function as ONNX (for MT5) and as `jax.export` StableHLO.
+
+  python launch.py --config=configs/export.py --workdir=DIR          # reads DIR/finetune/bundle
+
+writes DIR/export/:
+- natron.onnx: `predict_fn(params, meta)` (natron.predictor: features -> scaler -> model -> softmax), made
+  with jax2onnx. Input `candles` float32 [1, required_candles, 5], oldest bar first, columns open, high, low,
+  close, volume, the four prices IN POINTS (MathRound(price / _Point) in double in the EA: exact integers,
+  for any instrument whose prices stay below 2**24 points). Outputs, in this order: buy_prob [1],
+  sell_prob [1], direction_probs [1, 3], regime_probs [1, 6] (class order in natron.json).
+- natron.jax: `jax.export` serialisation of the same function with a symbolic batch size (prices in points
+  too), which `natron.serve.engine.ServingPredictor.load(..., exported=DIR/export)` calls instead of
+  tracing the feature graph.
+- natron.json: the contract the EA and the server check (layout, outputs, label classes, thresholds, model
+  version, feature-schema hash, sha256 of both files, opset, converter versions).
+
+Why points go in, not prices: the graph compares and differences price levels, which float32 holds exactly
+only as grid integers (natron.data.grid). rint(price / point) computed INSIDE a float32 graph is exact only
+while the float32 spacing of the price is under half a point (price / point below ~2**22), and rounds twice;
+MQL5 computes MathRound(price / _Point) in double, exact for every real instrument, so the EA converts.
+The features are scale-free, so the EA's _Point need not equal the grid the model was trained on.
+
+Opset: ONNX_OPSET (14), the lowest jax2onnx emits for this graph (at 13 its Reshape carries the opset-14
+'allowzero' attribute). MetaTrader 5's documentation points at ONNX Runtime 1.14's operator kernels
+(https://www.mql5.com/en/docs/onnx/onnx_mql5), which run opsets up to 18; `check_operators` refuses a graph
+with an operator outside ORT_1_14_CPU_OPS (every op below has a CPU float kernel in ORT 1.14 at opset 14).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time as time_lib
+from typing import Mapping
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+from natron import predictor as predictor_lib
+from natron import signals
+from natron.errors import UserError
+
+EXPORT_FORMAT = 'natron-export-v1'
+ONNX_OPSET = 14          # the lowest jax2onnx 0.17.1 emits for this graph (13 fails: Reshape 'allowzero')
+INPUT_NAME = 'candles'
+OUTPUTS = signals.PROBABILITIES          # ONNX output names, in order
+ONNX_FILE, JAX_FILE, META_FILE = 'natron.onnx', 'natron.jax', 'natron.json'
+
+# ai.onnx operators with float32 (and int64/bool where they index or mask) CPU kernels in ONNX Runtime 1.14 at
+# opset 14 (docs/OperatorKernels.md of onnxruntime rel-1.14.0, the version MT5's documentation cites).
+ORT_1_14_CPU_OPS = frozenset('''
+Abs Add And ArgMax ArgMin Cast Ceil Clip Concat Constant ConstantOfShape Conv CumSum Div Einsum Equal Erf Exp
+Expand Flatten
+Floor Gather GatherElements GatherND Gemm Greater GreaterOrEqual Identity If IsInf IsNaN LayerNormalization
+Less LessOrEqual Log Loop MatMul Max MaxPool Mean Min Mod Mul Neg Not Or Pad Pow Range Reciprocal ReduceL2
+ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Round Scan
+ScatterElements ScatterND Shape Sigmoid Sign Slice Softmax Split Sqrt Squeeze Sub Sum Tanh Tile TopK
+Transpose Trilu Unsqueeze Where Xor
+'''.split())
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _tuple_fn(params, meta: Mapping):
+  """predict_fn with its outputs as a tuple in OUTPUTS order (the exporters' positional outputs)."""
+  fn = predictor_lib.predict_fn(params, meta)
+  return lambda candles: tuple(fn(candles)[k] for k in OUTPUTS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ONNX.
+# ---------------------------------------------------------------------------------------------------------
+# jax2onnx optimizer passes that scan the whole graph per candidate node (quadratic: minutes at ~15,000 nodes).
+# They only tidy (ConvTranspose biases and Transpose chains the graph does not contain, no-op Casts); the graph
+# is correct without them, which the parity tests check.
+_SKIPPED_PASSES = frozenset({'fold_conv_transpose_constant_bias', 'remove_redundant_transpose_add_forests',
+                             'remove_redundant_transpose_pairs', 'remove_redundant_casts',
+                             'remove_redundant_casts_after_propagation'})
+
+
+@contextlib.contextmanager
+def _jax2onnx_speedups():
+  """Two workarounds for jax2onnx 0.17.x (pinned in requirements-dev.txt) on a ~15,000-node graph.
+
+  1. After lowering each equation it checks that the outputs are connected by scanning every node built so far:
+     quadratic (over 10 minutes for the feature graph on 2 cores, 4 s without it). A value produced by a
+     node, a graph input or an initializer is connected, so that is answered first; anything else still goes
+     through jax2onnx's own check.
+  2. The optimizer passes in _SKIPPED_PASSES are skipped. If a later jax2onnx renames these internals, the
+     patches do not apply and the export is only slower.
+  """
+  from jax2onnx.converter import ir_optimizations, output_binding   # pylint: disable=g-import-not-at-top
+  saved = {}
+  check = getattr(output_binding, '_value_is_graph_connected', None)
+  run_pass = getattr(ir_optimizations, '_run_top_level_optimizer_pass', None)
+  if check is not None:
+    def connected(ctx, value):
+      if value.producer() is not None or value.is_graph_input() or value.is_initializer():
+        return True
+      return check(ctx, value)
+    saved[(output_binding, '_value_is_graph_connected')] = check
+    output_binding._value_is_graph_connected = connected   # pylint: disable=protected-access
+  if run_pass is not None:
+    def run(opt_pass, model):
+      if getattr(opt_pass, 'name', None) not in _SKIPPED_PASSES:
+        run_pass(opt_pass, model)
+    saved[(ir_optimizations, '_run_top_level_optimizer_pass')] = run_pass
+    ir_optimizations._run_top_level_optimizer_pass = run   # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    for (module, name), original in saved.items():
+      setattr(module, name, original)
+
+
+def to_onnx(params, meta: Mapping, *, opset: int = ONNX_OPSET):
+  """The ONNX ModelProto of predict_fn for one window [1, required_candles, 5] (prices in points)."""
+  try:
+    import jax2onnx   # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise UserError('The ONNX export needs jax2onnx: pip install -r requirements-dev.txt (it pins the version '
+                    'the parity tests ran with).') from None
+  spec = jax.ShapeDtypeStruct((1, int(meta['required_candles']), len(predictor_lib.COLUMNS)), jnp.float32)
+  try:
+    with _jax2onnx_speedups():
+      model = jax2onnx.to_onnx(_tuple_fn(params, meta), [spec], model_name='natron', opset=int(opset),
+                               input_names=[INPUT_NAME], output_names=list(OUTPUTS), return_mode='proto')
+  finally:
+    # jax2onnx traces with its own primitives patched into jax.numpy (e.g. 'jax.numpy.full'); jaxprs JAX cached
+    # during that trace would poison later jits in this process (no XLA lowering rule for those primitives).
+    jax.clear_caches()
+  _clear_placeholder_dims(model)
+  check_operators(model, opset)
+  return model
+
+
+def _clear_placeholder_dims(model) -> int:
+  """Makes jax2onnx's placeholder dimension names unknown dimensions; returns how many it cleared.
+
+  jax2onnx 0.17 declares the stacked outputs of every Loop (a lax.scan) with one shared dim_param,
+  JAX2ONNX_DYNAMIC_DIM_SENTINEL. ONNX Runtime takes equal dim_params as equal sizes and reuses buffers
+  between those outputs, which fails at run time when scans differ in length (e.g. 1016 vs 1001 steps:
+  "Shape mismatch attempting to re-use buffer"). An unnamed dimension promises nothing.
+  """
+  cleared = 0
+
+  def fix(values):
+    nonlocal cleared
+    for value in values:
+      for dim in value.type.tensor_type.shape.dim:
+        if dim.HasField('dim_param') and dim.dim_param.startswith('JAX2ONNX_'):
+          dim.ClearField('dim_param')
+          cleared += 1
+
+  def walk(graph):
+    fix(graph.value_info)
+    fix(graph.output)
+    fix(graph.input)
+    for node in graph.node:
+      for attr in node.attribute:
+        if attr.g is not None and attr.g.node:
+          walk(attr.g)
+        for sub in attr.graphs:
+          walk(sub)
+  walk(model.graph)
+  return cleared
+
+
+def operators(model) -> dict[str, int]:
+  """{op_type: count} over the graph and every subgraph (Loop / Scan / If bodies)."""
+  counts: dict[str, int] = {}
+
+  def walk(graph):
+    for node in graph.node:
+      key = node.op_type if node.domain in ('', 'ai.onnx') else f'{node.domain}.{node.op_type}'
+      counts[key] = counts.get(key, 0) + 1
+      for attr in node.attribute:
+        if attr.g is not None and attr.g.node:
+          walk(attr.g)
+        for g in attr.graphs:
+          walk(g)
+  walk(model.graph)
+  return dict(sorted(counts.items()))
+
+
+def check_operators(model, opset: int) -> None:
+  """Refuses a graph MT5's ONNX Runtime (1.14) could not run: opset above 18 or an operator off the list."""
+  stamped = {o.domain or 'ai.onnx': o.version for o in model.opset_import}
+  if stamped.get('ai.onnx', 0) > 18 or int(opset) > 18:
+    raise UserError(f'ONNX opset {stamped} is newer than ONNX Runtime 1.14 (MT5) runs (<= 18).')
+  unknown = sorted(set(operators(model)) - ORT_1_14_CPU_OPS)
+  if unknown:
+    raise UserError(f'The ONNX graph uses operators outside the ONNX Runtime 1.14 CPU set that MT5 embeds: '
+                    f'{unknown}. Write the feature that needs them in other primitives (natron.features).')
+
+
+# ---------------------------------------------------------------------------------------------------------
+# jax.export.
+# ---------------------------------------------------------------------------------------------------------
+def to_jax_export(params, meta: Mapping, *, platforms=None):
+  """`jax.export.Exported` of predict_fn over candles float32 [b, required_candles, 5] (b symbolic)."""
+  batch, = jax.export.symbolic_shape('b')
+  spec = jax.ShapeDtypeStruct((batch, int(meta['required_candles']), len(predictor_lib.COLUMNS)), jnp.float32)
+  fn = predictor_lib.predict_fn(params, meta)
+  return jax.export.export(jax.jit(fn), platforms=platforms)(spec)
+
+
+def read_meta(directory: str) -> dict:
+  path = os.path.join(directory, META_FILE)
+  if not os.path.exists(path):
+    raise UserError(f'No {META_FILE} in {directory!r}: run the export phase first '
+                    '(python launch.py --config=configs/export.py --workdir=DIR).')
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_jax_export(directory: str, meta: Mapping):
+  """The Exported in directory/natron.jax, after checking it was made from a bundle with this `meta`."""
+  info = read_meta(directory)
+  for key in ('model_version', 'feature_schema_hash', 'required_candles'):
+    if str(info.get(key)) != str(meta.get(key)):
+      raise UserError(f'{os.path.join(directory, META_FILE)} was exported from another model: {key} '
+                      f'{info.get(key)!r} != the bundle\'s {meta.get(key)!r}. Re-run the export phase.')
+  path = os.path.join(directory, JAX_FILE)
+  if _sha256(path) != info['files'][JAX_FILE]['sha256']:
+    raise UserError(f'{path} does not match the sha256 in {META_FILE}: a partial copy? Re-run the export.')
+  with open(path, 'rb') as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  backend = jax.default_backend()
+  if backend not in exported.platforms:
+    raise UserError(f'{path} was exported for {list(exported.platforms)}, not for this {backend!r} backend; '
+                    f'export again with --config.platforms=cpu,{backend}.')
+  return exported
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The phase.
+# ---------------------------------------------------------------------------------------------------------
+def describe(predictor: predictor_lib.Predictor, *, opset: int) -> dict:
+  """natron.json without the file hashes (see the module docstring)."""
+  meta, r = predictor.meta, predictor.required_candles
+  data = meta.get('config', {}).get('data', {})
+  dims = {'buy_prob': [1], 'sell_prob': [1], 'direction_probs': [1, len(predictor.directions)],
+          'regime_probs': [1, len(predictor.regimes)]}
+  return {
+      'format': EXPORT_FORMAT,
+      'model_version': predictor.model_version,
+      'feature_schema_hash': meta.get('feature_schema_hash'),
+      'required_candles': r,
+      'window': predictor.window,
+      'warmup': predictor.warmup,
+      # Scalars the EA reads with its one-key JSON extractor (mt5/NatronEA.mq5 OnnxInit) to set the shapes.
+      'num_columns': len(predictor_lib.COLUMNS),
+      'num_direction_classes': len(predictor.directions),
+      'num_regime_classes': len(predictor.regimes),
+      'input': {
+          'name': INPUT_NAME, 'shape': [1, r, len(predictor_lib.COLUMNS)], 'dtype': 'float32',
+          'columns': list(predictor_lib.COLUMNS),
+          'order': 'oldest bar first; the last row is the last CLOSED bar',
+          'prices': 'in points: round(price / point) computed in double (MQL5: MathRound(price / _Point)); '
+                    'exact integers below 2**24. Any quote grid the prices lie on gives the same features '
+                    '(they are scale-free), so the EA uses its symbol\'s _Point.',
+          'volume': 'tick volume (or real volume if the training data had it), as a float',
+          'training_point': data.get('point'),
+      },
+      'time': 'The model reads no clock. The HTTP API speaks UTC (mt5/README.md, Time convention); the ONNX '
+              'engine needs no times: it runs on the bars the terminal has, once per newly closed bar.',
+      'outputs': [{'name': k, 'shape': dims[k]} for k in OUTPUTS],
+      'label_classes': {'direction': list(predictor.directions), 'regime': list(predictor.regimes)},
+      'thresholds': {'signal': predictor.threshold},
+      'signal_rule': signals.SIGNAL_RULE,
+      'opset': int(opset),
+      'onnx_runtime': 'MT5 documents ONNX Runtime 1.14 operator kernels (opsets <= 18); the graph uses only '
+                      'operators with CPU kernels there (natron.export.ORT_1_14_CPU_OPS).',
+  }
+
+
+def run_phase(config, workdir: str) -> dict:
+  """Writes workdir/export/{natron.onnx, natron.jax, natron.json} (or config.output_dir)."""
+  start = time_lib.perf_counter()
+  predictor = predictor_lib.Predictor.load(
+      config.get('bundle') or workdir, threshold=predictor_lib.optional_threshold(config.get('threshold', -1.0)))
+  out_dir = config.get('output_dir') or os.path.join(workdir, 'export')
+  os.makedirs(out_dir, exist_ok=True)
+  opset = int(config.get('opset', ONNX_OPSET))
+  info = describe(predictor, opset=opset)
+  files, seconds = {}, {}
+  t = time_lib.perf_counter()
+  platforms = [p for p in str(config.get('platforms', '') or '').split(',') if p] or None
+  exported = to_jax_export(predictor.params, predictor.meta, platforms=platforms)
+  with open(os.path.join(out_dir, JAX_FILE), 'wb') as f:
+    f.write(exported.serialize())
+  files[JAX_FILE] = {'platforms': list(exported.platforms), 'batch': 'symbolic (b >= 1)'}
+  seconds['jax_export'] = round(time_lib.perf_counter() - t, 2)
+  if config.get('onnx', True):
+    import onnx   # pylint: disable=g-import-not-at-top
+    t = time_lib.perf_counter()
+    model = to_onnx(predictor.params, predictor.meta, opset=opset)
+    model.doc_string = f'Natron {predictor.model_version}: raw candles (in points) -> probabilities; see natron.json'
+    onnx.save(model, os.path.join(out_dir, ONNX_FILE))
+    files[ONNX_FILE] = {'operators': operators(model)}
+    seconds['onnx'] = round(time_lib.perf_counter() - t, 2)
+  for name, entry in files.items():
+    path = os.path.join(out_dir, name)
+    entry.update(sha256=_sha256(path), bytes=os.path.getsize(path))
+  info['files'] = files
+  info['versions'] = _versions()
+  with open(os.path.join(out_dir, META_FILE), 'w') as f:
+    json.dump(info, f, indent=2)
+  summary = {'output_dir': os.path.abspath(out_dir), 'files': sorted(files) + [META_FILE], 'opset': opset,
+             'seconds': seconds, 'total_seconds': round(time_lib.perf_counter() - start, 2),
+             'model_version': predictor.model_version}
+  logging.info('export: %s', summary)
+  return summary
+
+
+def _versions() -> dict:
+  from importlib import metadata   # pylint: disable=g-import-not-at-top
+  out = {}
+  for package in ('jax', 'jaxlib', 'flax', 'jax2onnx', 'onnx'):
+    try:
+      out[package] = metadata.version(package)
+    except metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def sha256_of(path: str) -> str:
+  return _sha256(path)
+
+
+__all__ = ['EXPORT_FORMAT', 'INPUT_NAME', 'ONNX_OPSET', 'OUTPUTS', 'check_operators', 'describe',
+           'load_jax_export', 'operators', 'read_meta', 'run_phase', 'to_jax_export', 'to_onnx']
