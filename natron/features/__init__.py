@@ -166,19 +166,8 @@ def to_points(ohlcv, point=None) -> tuple[tuple[np.ndarray, ...], float]:
       symbols = ohlcv['symbol'].unique() if 'symbol' in ohlcv.columns else ()
       point = point.get(symbols[0]) if len(symbols) == 1 else None
   volume = volume.astype(np.float32)
-  if point is not None:
-    return tuple(grid.to_ticks(p, point) for p in prices) + (volume,), grid.check_point(point)
-  # Inference over every price is ~6 float64 passes per candidate grid (~0.3 s on 1M bars). A strided sample
-  # proposes the grid and `to_ticks` verifies it on every price, so the answer is the same: grids are nested
-  # (10**-k), the sample's coarsest grid is at least as coarse as the full series', and if every price lies on
-  # it, it is the full series' coarsest grid too. On a miss the full inference runs (and words the error).
-  stride = max(1, prices[0].size // 4096)
-  try:
-    point = grid.infer_point(np.concatenate([p[::stride] for p in prices]))
-    return tuple(grid.to_ticks(p, point) for p in prices) + (volume,), point
-  except grid.GridError:
-    point = grid.infer_point(np.concatenate(prices))
-    return tuple(grid.to_ticks(p, point) for p in prices) + (volume,), point
+  point = grid.infer_point(np.concatenate(prices)) if point is None else grid.check_point(point)
+  return tuple(grid.to_ticks(p, point) for p in prices) + (volume,), point
 
 
 def compute_features(ohlcv, point=None) -> tuple[np.ndarray, list[str]]:
