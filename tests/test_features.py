@@ -14,13 +14,13 @@ import pandas as pd
 import jax
 import jax.numpy as jnp
 import pytest
-from scipy.signal import lfilter
 
 from natron import features as F
 from natron.data import grid
 from natron.errors import UserError
 from natron.features import indicators as ind
 from natron.features import market_profile, patterns, smart_money
+from test_indicators import grid_market
 
 SERIES_BARS = 4000
 WINDOW = 96
@@ -37,29 +37,10 @@ def _quote(ticks, point=POINT):
 
 
 def _market(seed, n=SERIES_BARS, price=1.1, point=POINT):
-  """A DataFrame of 15-minute bars on the `point` grid with the ties of a real feed (see the docstring)."""
-  rng = np.random.default_rng(seed)
-  sig = 3e-4 * np.exp(np.clip(lfilter([1.0], [1.0, -0.995], rng.normal(0.0, 0.05, n)), -1.5, 1.5))
-  close = price * np.exp(np.cumsum(rng.normal(0.0, 1.0, n) * sig))
-  open_ = np.concatenate([[price], close[:-1]]) * np.exp(rng.normal(0.0, 0.1, n) * sig)
-  wicks = np.abs(rng.normal(0.0, 0.8, (2, n))) * sig * close
-  q = lambda a: np.round(a / point)
-  o, c = q(open_), q(close)
-  h = np.maximum(q(np.maximum(open_, close) + wicks[0]), np.maximum(o, c))
-  l = np.minimum(q(np.minimum(open_, close) - wicks[1]), np.minimum(o, c))
-  u = rng.random((5, n))
-  o = np.where(u[0] < 0.5, np.concatenate([c[:1], c[:-1]]), o)       # open on the previous close
-  c = np.where(u[1] < 0.05, o, c)                                      # open == close
-  h, l = np.maximum(h, np.maximum(o, c)), np.minimum(l, np.minimum(o, c))
-  prev_h, prev_l = np.concatenate([h[:1], h[:-1]]), np.concatenate([l[:1], l[:-1]])
-  h = np.where((u[2] < 0.1) & (prev_h >= np.maximum(o, c)), prev_h, h)   # equal highs
-  l = np.where((u[3] < 0.1) & (prev_l <= np.minimum(o, c)), prev_l, l)   # equal lows
-  for t in np.flatnonzero(u[4] < 0.03)[1:]:                            # flat bars o = h = l = c
-    o[t] = h[t] = l[t] = c[t] = c[t - 1]
-  volume = np.maximum(np.round(rng.lognormal(4.0, 0.7, n) * sig / 3e-4), 1.0)
-  frame = pd.DataFrame({'time': pd.date_range('2024-01-01', periods=n, freq='15min', tz='UTC'),
-                        'open': _quote(o, point), 'high': _quote(h, point), 'low': _quote(l, point),
-                        'close': _quote(c, point), 'volume': volume})
+  """A DataFrame of 15-minute bars on the `point` grid with the ties of a real feed (test_indicators.grid_market:
+  flat bars, open == close, equal highs and lows, opens on the previous close, integer tick volumes)."""
+  _, prices = grid_market(n, price, point, seed=seed)
+  frame = pd.DataFrame({'time': pd.date_range('2024-01-01', periods=n, freq='15min', tz='UTC'), **prices})
   frame.attrs['point'] = point
   return frame
 
