@@ -47,6 +47,7 @@ if ARGS.one_thread:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import platform  # pylint: disable=wrong-import-position
@@ -57,6 +58,7 @@ import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from natron.features import indicators as ind  # pylint: disable=wrong-import-position
+from machine import cpu_model  # pylint: disable=wrong-import-position
 
 
 def median_time(fn, repeats: int) -> tuple[float, list[float]]:
@@ -67,18 +69,6 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
   return float(np.median(times)), times
-
-
-def cpu_model() -> str:
-  """The CPU's model name (lscpu / /proc/cpuinfo), e.g. 'Intel(R) Xeon(R) Processor'."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
 def ms(seconds: float) -> float:
