@@ -42,11 +42,27 @@ def phases_of(config) -> list[str]:
   return names
 
 
+SECRET_KEYS = ('api_key',)   # config keys whose values are never written to disk (natron/serve/app.py)
+
+
+def _redact(node):
+  if isinstance(node, dict):
+    return {k: ('<redacted>' if k in SECRET_KEYS and v else _redact(v)) for k, v in node.items()}
+  if isinstance(node, list):
+    return [_redact(v) for v in node]
+  return node
+
+
+def config_json(config) -> str:
+  """The resolved config as JSON for workdir/config.json, with secrets (SECRET_KEYS) replaced."""
+  return json.dumps(_redact(json.loads(config.to_json_best_effort())), indent=2)
+
+
 def run_config(config, workdir: str) -> dict:
   """Runs every phase of `config` into `workdir`; returns {phase: summary}."""
   os.makedirs(workdir, exist_ok=True)
   names = phases_of(config)
-  text = config.to_json_best_effort(indent=2)
+  text = config_json(config)
   # workdir/config.json records the run that made the workdir (a pipeline, or its first phase); a later single
   # phase (serve, backtest on a pipeline workdir) never overwrites it. Each phase keeps its own resolved config
   # in its own directory.

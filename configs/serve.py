@@ -26,15 +26,28 @@ def section(quick: bool = False) -> ml_collections.ConfigDict:
   del quick   # serving has no quick variant: the bundle decides the model size
   serve = ml_collections.ConfigDict()
   serve.bundle = ''              # '' -> workdir/finetune/bundle
-  serve.host = '127.0.0.1'       # 0.0.0.0 exposes the server to the network: set api_key then
+  serve.host = '127.0.0.1'       # a non-loopback address (0.0.0.0) is refused without an API key
   serve.port = 8000
   serve.ws_port = 8765           # second listening socket for ws://HOST:8765/ (0: off)
-  serve.api_key = ''             # '' -> no auth; else X-API-Key: KEY or Authorization: Bearer KEY
+  # The API key (X-API-Key: KEY or Authorization: Bearer KEY; '' everywhere -> no auth), from the first set of:
+  # api_key (works, but warns: visible in the process list), api_key_file (a file of mode 0600), or the
+  # NATRON_API_KEY environment variable. Never written to config.json (launch.py redacts it) nor logged.
+  serve.api_key = ''
+  serve.api_key_file = ''
   serve.max_candles = 5000       # candles per window (>= the model's required_candles)
   serve.max_batch = 256          # windows per /batch_predict request
   serve.max_series = 10_000      # candles of one /batch_predict series
   serve.max_symbols = 64         # streamed symbols per WebSocket connection
+  # Body limits, enforced before a body is decoded (413). 0 -> 256 bytes per candle + 4096: /predict
+  # max_candles candles (1.3 MB at 5000), /batch_predict max(max_series, max_batch * max_candles) candles,
+  # both capped by max_body_bytes (also the limit of any other route).
   serve.max_body_bytes = 64 << 20
+  serve.predict_body_bytes = 0
+  serve.batch_body_bytes = 0
+  # Host header names and browser/WebSocket Origin hosts accepted, any port ('*': any). Loopback only by
+  # default: a web page the trader opens cannot drive the server (DNS rebinding, cross-site WebSocket hijack).
+  serve.allowed_hosts = 'localhost,127.0.0.1,[::1]'
+  serve.allowed_origins = 'localhost,127.0.0.1,[::1]'
   serve.batch_wait_ms = 1.0      # max wait for concurrent requests to share one model call
   serve.buckets = (1, 8, 32, 128)  # batch sizes compiled at start-up; requests are padded to one
   serve.threshold = -1.0         # signal threshold; < 0 -> the bundle's thresholds.signal

@@ -6,6 +6,12 @@ Serves the same tiny Predictor as tests/test_predictor.py (built once per sessio
 import asyncio
 import contextlib
 import copy
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -23,7 +29,9 @@ from websockets.sync.client import connect as ws_connect
 import mt5_client
 from natron.data import DataError, load_ohlcv, rules, validate_ohlcv
 from natron.serve import create_app, schemas
-from natron.serve.app import MicroBatcher, bind, make_server
+from natron.errors import UserError
+from natron.serve.app import (BYTES_PER_CANDLE, BODY_OVERHEAD, MicroBatcher, bind, check_exposure, make_server,
+                              resolve_api_key)
 from natron.serve.schemas import InvalidRequest, validate_arrays
 from test_predictor import SUM_ATOL, atol, market, ohlcv_array, shared_predictor
 
@@ -31,10 +39,10 @@ LIMITS = {'max_batch': 4, 'batch_wait_ms': 1.0, 'max_body_bytes': 2 << 20}
 
 
 @contextlib.contextmanager
-def running(app):
+def running(app, **server_options):
   """Serves `app` with uvicorn in a thread on a free 127.0.0.1 port; yields the port."""
   sock = bind('127.0.0.1', 0)
-  server = make_server(app)
+  server = make_server(app, **server_options)
   thread = threading.Thread(target=server.run, kwargs={'sockets': [sock]}, daemon=True)
   thread.start()
   deadline = time.monotonic() + 30
@@ -536,7 +544,8 @@ def test_openapi_fuzz_finds_no_server_errors(predictor):
   """Hypothesis-generated requests for every operation of the app's own schema: never a 5xx, and every
   reply conforms to the documented status codes, content types and response schemas."""
   app = create_app(predictor, {'max_candles': predictor.required_candles + 5, 'max_batch': 2,
-                               'max_series': predictor.required_candles + 5})
+                               'max_series': predictor.required_candles + 5,
+                               'allowed_hosts': 'testserver,localhost'})   # the in-process client's Host
   schema = schemathesis.openapi.from_asgi('/openapi.json', app)
   checks = [st_checks.not_a_server_error, st_checks.status_code_conformance,
             st_checks.content_type_conformance, st_checks.response_schema_conformance]
@@ -666,3 +675,258 @@ def test_ea_retries_required_candles_on_a_timer_instead_of_unloading():
   assert ea.on_timer() is False and ea.timer_retries == 1
   up['ok'] = True
   assert ea.on_timer() is True and ea.required == 20
+
+
+# --- Hardening (issue 10): body limits, nesting, echoes, the key, Host/Origin -------------------------------
+def _raw_request(port: int, head: str, body_chunks=(), *, timeout: float = 30) -> tuple[int, bytes]:
+  """Sends a hand-written HTTP/1.1 request on a raw socket (so nothing client-side limits or reframes it);
+  returns (status, body). Chunks the server no longer reads (it answered already) are not an error."""
+  with socket.create_connection(('127.0.0.1', port), timeout=timeout) as sock:
+    sock.sendall(head.encode('latin-1'))
+    try:
+      for chunk in body_chunks:
+        sock.sendall(chunk)
+    except OSError:
+      pass
+    data = b''
+    while b'\r\n\r\n' not in data or len(data) < data.index(b'\r\n\r\n') + 4 + _length(data):
+      try:
+        more = sock.recv(65536)
+      except ConnectionResetError:
+        break
+      if not more:
+        break
+      data += more
+  head_bytes, _, body = data.partition(b'\r\n\r\n')
+  return int(head_bytes.split(b' ', 2)[1]), body
+
+
+def _length(data: bytes) -> int:
+  for line in data.split(b'\r\n\r\n', 1)[0].split(b'\r\n'):
+    if line.lower().startswith(b'content-length:'):
+      return int(line.split(b':', 1)[1])
+  return 0
+
+
+def test_body_limits_are_per_route_and_enforced_before_decoding(predictor):
+  r = predictor.required_candles
+  max_candles, max_series, max_batch = r + 20, r + 30, 4
+  app = create_app(predictor, {'max_candles': max_candles, 'max_series': max_series, 'max_batch': max_batch})
+  predict_limit = BYTES_PER_CANDLE * max_candles + BODY_OVERHEAD     # the documented defaults
+  batch_limit = BYTES_PER_CANDLE * max(max_series, max_batch * max_candles) + BODY_OVERHEAD
+  assert app.state.service.settings.body_limits() == {'/predict': predict_limit, '/batch_predict': batch_limit}
+  assert batch_limit > predict_limit
+  with running(app) as port:
+    # A declared 50 MB body: 413 at once, from the headers alone (no body byte is sent at all).
+    start = time.monotonic()
+    status, body = _raw_request(port, 'POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json'
+                                      '\r\nContent-Length: 50000000\r\n\r\n')
+    assert status == 413 and orjson.loads(body)['rule'] == 'size' and len(body) < 300
+    # Generous: it takes milliseconds; 10 s only guards against reading the (absent) 50 MB body.
+    assert time.monotonic() - start < 10
+    # A chunked body with no length: counted as it streams, 413 once past the limit.
+    chunk = b' ' * 65536
+    chunks = [b'%x\r\n%s\r\n' % (len(chunk), chunk)] * (predict_limit // len(chunk) + 2)
+    status, body = _raw_request(port, 'POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json'
+                                      '\r\nTransfer-Encoding: chunked\r\n\r\n', chunks)
+    assert status == 413 and orjson.loads(body)['rule'] == 'size'
+    with httpx.Client(base_url=f'http://127.0.0.1:{port}', timeout=30) as client:
+      # Bodies up to the limit are read and answered as usual (padding with JSON whitespace to the byte).
+      payload = orjson.dumps({'candles': candles_json(window_frame(r + 5, r))})
+      padded = payload + b' ' * (predict_limit - len(payload))
+      assert client.post('/predict', content=padded, headers={'Content-Type': 'application/json'}).status_code == 200
+      assert client.post('/predict', content=padded + b' ',
+                         headers={'Content-Type': 'application/json'}).status_code == 413
+      # /batch_predict has its own, larger limit: a body /predict refuses is accepted there.
+      windows = orjson.dumps({'windows': [candles_json(window_frame(r + 25, max_candles))] * max_batch})
+      assert predict_limit < len(windows) <= batch_limit
+      assert client.post('/batch_predict', content=windows,
+                         headers={'Content-Type': 'application/json'}).status_code == 200
+      assert client.post('/predict', content=windows, headers={'Content-Type': 'application/json'}).status_code == 413
+      # /health answers while a client trickles an oversized body (the limit is per request, not global).
+      trickle = socket.create_connection(('127.0.0.1', port), timeout=30)
+      trickle.sendall(b'POST /batch_predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n')
+      worst = 0.0
+      small = b' ' * 1024   # 20 KB in all: under the limit, so the server keeps waiting for more
+      for _ in range(20):
+        trickle.sendall(b'%x\r\n%s\r\n' % (len(small), small))
+        start = time.perf_counter()
+        assert client.get('/health').status_code == 200
+        worst = max(worst, time.perf_counter() - start)
+      trickle.close()
+      # Milliseconds normally; 2 s allows for the shared 2-core test machine, far below "blocked".
+      assert worst < 2.0, worst
+
+
+def _nested(depth: int) -> str:
+  return '[' * depth + ']' * depth
+
+
+def test_deeply_nested_json_is_422_and_keeps_the_websocket(server, predictor):
+  client, port, _ = server
+  r = predictor.required_candles
+  text = orjson.dumps({'candles': candles_json(window_frame(r + 5, r))}).decode()
+  for field, rule in (('open', 'type'), ('time', 'time')):
+    candles = orjson.loads(text)['candles']
+    candles[3][field] = '@NESTED@'
+    bad = orjson.dumps({'candles': candles}).decode().replace('"@NESTED@"', _nested(1000))
+    reply = client.post('/predict', content=bad, headers={'Content-Type': 'application/json'})
+    assert reply.status_code == 422, reply.text[:300]
+    assert reply.json()['rule'] == rule and reply.json()['index'] == 3 and len(reply.content) < 1000
+  too_deep = client.post('/predict', content='{"candles": ' + _nested(5000) + '}',
+                         headers={'Content-Type': 'application/json'})
+  assert too_deep.status_code == 422 and too_deep.json()['rule'] == 'json'
+  with ws_connect(f'ws://127.0.0.1:{port}/ws', open_timeout=10) as ws:
+    history = candles_json(window_frame(r + 5, r))
+    assert _ask(ws, {'command': 'subscribe', 'symbol': 'EURUSD', 'candles': history})['type'] == 'prediction'
+    bar = dict(candles_json(window_frame(r + 6, 1))[0], open='@NESTED@')
+    message = orjson.dumps({'command': 'bar', 'symbol': 'EURUSD', 'candle': bar}).decode()
+    reply = _ask(ws, message.replace('"@NESTED@"', _nested(1000)))
+    assert reply['type'] == 'error' and reply['rule'] == 'type'
+    for nested_message in ('{"command": "ping", "id": ' + _nested(1000) + '}',
+                           '{"command": ' + _nested(1000) + '}', _nested(5000)):
+      reply = _ask(ws, nested_message)
+      assert reply['type'] == 'error' and 'id' not in reply, reply
+    assert _ask(ws, {'command': 'ping'})['type'] == 'pong'
+    assert _ask(ws, {'command': 'unsubscribe', 'symbol': 'EURUSD'})['was_subscribed'] is True
+
+
+def test_echoed_values_are_truncated(predictor):
+  r = predictor.required_candles
+  app = create_app(predictor, {'predict_body_bytes': 40 << 20, 'api_key': 'right'})
+  with running(app) as port:
+    with httpx.Client(base_url=f'http://127.0.0.1:{port}', timeout=60, headers={'X-API-Key': 'right'}) as client:
+      candles = candles_json(window_frame(r + 5, r))
+      candles[2]['open'] = 'x' * (20 << 20)
+      reply = client.post('/predict', json={'candles': candles})
+      assert reply.status_code == 422 and reply.json()['rule'] == 'type'
+      assert len(reply.content) < 1000 and '…' in reply.json()['detail']
+      candles = candles_json(window_frame(r + 5, r))
+      candles[2]['time'] = 'y' * (1 << 20)
+      reply = client.post('/predict', json={'candles': candles})
+      assert reply.status_code == 422 and len(reply.content) < 1000
+      candles[2] = dict(candles_json(window_frame(r + 5, r))[2], **{'z' * (1 << 20): 1})
+      reply = client.post('/predict', json={'candles': candles})
+      assert reply.status_code == 422 and reply.json()['rule'] == 'fields' and len(reply.content) < 1500
+      reply = client.post('/predict', json={'candles': [], 'w' * (1 << 20): 1})
+      assert reply.status_code == 422 and len(reply.content) < 1500
+      # A 10 MB key: refused (by the HTTP parser's header limit), never echoed.
+      try:
+        big_key = client.get('/model_info', headers={'X-API-Key': 'k' * (10 << 20)})
+        assert big_key.status_code in (400, 403, 431) and len(big_key.content) < 1000
+      except httpx.TransportError:
+        pass   # the server may also just close the connection: nothing echoed either way
+    with ws_connect(f'ws://127.0.0.1:{port}/ws?api_key=right', open_timeout=10, max_size=None) as ws:
+      reply = _ask(ws, {'command': 'c' * 500_000})
+      assert reply['rule'] == 'command' and len(reply['detail']) < 300 and '…' in reply['detail']
+      reply = _ask(ws, {'command': 'ping', 'id': 'i' * 500_000})
+      assert reply['type'] == 'error' and 'id' not in reply
+      reply = _ask(ws, {'command': 'ping', 'q' * 500_000: 1})
+      assert reply['rule'] == 'fields' and len(reply['detail']) < 600
+
+
+def test_api_key_from_environment_or_private_file_and_warned_on_the_command_line(tmp_path, caplog):
+  assert resolve_api_key({}, environ={'NATRON_API_KEY': ' from-env \n'}) == 'from-env'
+  assert resolve_api_key({'api_key': ''}, environ={}) == ''
+  key_file = tmp_path / 'key'
+  key_file.write_text('from-file\n')
+  os.chmod(key_file, 0o644)
+  with pytest.raises(UserError, match='chmod 600'):
+    resolve_api_key({'api_key_file': str(key_file)}, environ={})
+  os.chmod(key_file, 0o600)
+  assert resolve_api_key({'api_key_file': str(key_file)}, environ={'NATRON_API_KEY': 'other'}) == 'from-file'
+  with pytest.raises(UserError, match='not both'):
+    resolve_api_key({'api_key': 'a', 'api_key_file': str(key_file)}, environ={})
+  with pytest.raises(UserError, match='cannot read'):
+    resolve_api_key({'api_key_file': str(tmp_path / 'missing')}, environ={})
+  with caplog.at_level(logging.WARNING):
+    assert resolve_api_key({'api_key': 'on-the-command-line'}, environ={}) == 'on-the-command-line'
+  assert 'process list' in caplog.text and 'on-the-command-line' not in caplog.text
+
+
+def test_launch_never_writes_the_key_and_refuses_an_exposed_keyless_server(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('NATRON_API_KEY', None)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def launch(*args):   # the bundle does not exist: the phase fails right after writing config.json
+    return subprocess.run([sys.executable, os.path.join(root, 'launch.py'), '--config=configs/serve.py', *args,
+                           f'--config.bundle={tmp_path / "no-bundle"}'], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+  proc = launch(f'--workdir={tmp_path / "a"}', '--config.api_key=TOPSECRET-123')
+  assert proc.returncode != 0 and 'process list' in proc.stderr
+  for path in (tmp_path / 'a' / 'config.json', tmp_path / 'a' / 'serve' / 'config.json'):
+    text = path.read_text()
+    assert 'TOPSECRET' not in text and json.loads(text)['api_key'] == '<redacted>'
+  assert 'TOPSECRET' not in proc.stderr and 'TOPSECRET' not in proc.stdout
+  proc = launch(f'--workdir={tmp_path / "b"}', '--config.host=0.0.0.0')
+  assert proc.returncode != 0 and 'Refusing to listen on 0.0.0.0 without an API key' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_exposure_check():
+  for host in ('127.0.0.1', 'localhost', '::1', '[::1]', '127.0.0.2'):
+    check_exposure(host, '')
+  for host in ('0.0.0.0', '::', '192.168.1.10', 'example.com'):
+    with pytest.raises(UserError, match='without an API key'):
+      check_exposure(host, '')
+    check_exposure(host, 'a-key')
+
+
+class _Records(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())
+
+
+def test_websocket_query_key_never_logged(predictor):
+  app = create_app(predictor, {'api_key': 'QS-SECRET-42'})
+  records = _Records()
+  with running(app, log_level='info', access_log=True) as port:
+    for name in ('uvicorn', 'uvicorn.error', 'uvicorn.access'):
+      logging.getLogger(name).addHandler(records)
+    try:
+      with ws_connect(f'ws://127.0.0.1:{port}/ws?api_key=QS-SECRET-42', open_timeout=10) as ws:
+        assert _ask(ws, {'command': 'ping'})['type'] == 'pong'
+      with pytest.raises(websockets.exceptions.InvalidStatus):
+        ws_connect(f'ws://127.0.0.1:{port}/ws?api_key=QS-SECRET-42x', open_timeout=10)
+      with httpx.Client(base_url=f'http://127.0.0.1:{port}', timeout=30) as client:
+        assert client.get('/health?api_key=QS-SECRET-42').status_code == 200
+      time.sleep(0.5)   # log records are emitted on the server thread
+    finally:
+      for name in ('uvicorn', 'uvicorn.error', 'uvicorn.access'):
+        logging.getLogger(name).removeHandler(records)
+  text = '\n'.join(records.lines)
+  assert 'WebSocket' in text and 'GET /health' in text, text   # the lines were logged...
+  assert 'QS-SECRET' not in text and 'api_key=***' in text, text   # ...with the key redacted
+
+
+def test_host_and_origin_allow_lists(server, predictor):
+  client, port, _ = server
+  evil = client.get('/health', headers={'Host': 'evil.example'})
+  assert evil.status_code == 400 and evil.json()['rule'] == 'host'
+  assert client.post('/predict', json={}, headers={'Host': 'evil.example:8000'}).status_code == 400
+  for host in ('localhost', 'localhost:1234', '127.0.0.1:8000', '[::1]:8000', '[::1]'):
+    assert client.get('/health', headers={'Host': host}).status_code == 200, host
+  with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+    ws_connect(f'ws://127.0.0.1:{port}/ws', origin='http://evil.example', open_timeout=10)
+  assert refused.value.response.status_code == 403
+  with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+    ws_connect(f'ws://127.0.0.1:{port}/ws', additional_headers={'Host': 'evil.example'}, open_timeout=10)
+  assert refused.value.response.status_code == 403
+  for origin in ('http://localhost:3000', 'http://127.0.0.1', 'https://[::1]:8443'):
+    with ws_connect(f'ws://127.0.0.1:{port}/ws', origin=origin, open_timeout=10) as ws:
+      assert _ask(ws, {'command': 'ping'})['type'] == 'pong'
+  assert client.get('/health', headers={'Origin': 'http://evil.example'}).status_code == 403
+  opened = create_app(predictor, {'allowed_hosts': 'natron.lan, localhost', 'allowed_origins': '*'})
+  with running(opened) as other:
+    with httpx.Client(base_url=f'http://127.0.0.1:{other}', timeout=30) as c:
+      assert c.get('/health', headers={'Host': 'natron.lan:8000'}).status_code == 200
+      assert c.get('/health').status_code == 400   # 127.0.0.1 is not in this list
+    with ws_connect(f'ws://127.0.0.1:{other}/ws', origin='http://anywhere.example',
+                    additional_headers={'Host': 'natron.lan'}, open_timeout=10) as ws:
+      assert _ask(ws, {'command': 'ping'})['type'] == 'pong'

@@ -12,6 +12,15 @@ served at all):
 
 Bad input is HTTP 422 (WebSocket: an error message, connection kept) naming the rule, window and candle index
 (natron/serve/schemas.py); a missing key is 401, a wrong one 403, an oversized body 413. Never a silent fix.
+Values the client sent are echoed in messages clipped to 100 characters ('…'), however large or deeply nested.
+
+Hardening (`Guard`, the first middleware): a Host header outside `allowed_hosts` is 400 and a browser Origin
+outside `allowed_origins` 403 (WebSocket handshakes: refused, 403), both loopback-only by default (DNS rebinding,
+cross-site WebSocket hijacking); bodies over the route's limit are 413 before they are decoded (declared
+Content-Length: before a byte is read), defaults derived from max_candles (`body_bytes_for`). The key comes
+from NATRON_API_KEY or a mode-0600 api_key_file (`resolve_api_key`; --config.api_key works but warns), is never
+written to config.json (launch.py) and is redacted from uvicorn's access/WebSocket log lines; `run_phase`
+refuses a non-loopback host without a key.
 
 Concurrency. Handlers parse and validate on the event loop (vectorised, well under a millisecond per
 window) and hand the model call to `MicroBatcher`, a single worker thread that owns the model: whatever
@@ -29,8 +38,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging as logging_std
 import dataclasses
+import ipaddress
 import os
+import re
+import stat
 import queue
 import secrets
 import socket
@@ -61,7 +74,18 @@ class ServeSettings:
   max_series: int = 10_000        # candles in one /batch_predict series
   max_symbols: int = 64           # subscribed symbols per WebSocket connection
   batch_wait_ms: float = 1.0      # how long the batcher waits for more requests to join a model call
-  max_body_bytes: int = 64 << 20  # larger bodies get 413 before they are read
+  max_body_bytes: int = 64 << 20  # ceiling of every body limit (and the limit of routes not named below)
+  predict_body_bytes: int = 0     # /predict body limit; 0 -> body_bytes_for(max_candles)
+  batch_body_bytes: int = 0       # /batch_predict; 0 -> body_bytes_for(max(max_series, max_batch * max_candles))
+  # Host header names and WebSocket/browser Origin hosts accepted (any port); '*' accepts any.
+  allowed_hosts: str = 'localhost,127.0.0.1,[::1]'
+  allowed_origins: str = 'localhost,127.0.0.1,[::1]'
+
+  def body_limits(self) -> dict[str, int]:
+    """{path: body limit in bytes} of the routes that take a body (others: max_body_bytes)."""
+    predict = self.predict_body_bytes or body_bytes_for(self.max_candles)
+    batch = self.batch_body_bytes or body_bytes_for(max(self.max_series, self.max_batch * self.max_candles))
+    return {'/predict': min(predict, self.max_body_bytes), '/batch_predict': min(batch, self.max_body_bytes)}
 
   @classmethod
   def from_config(cls, config: Optional[Mapping[str, Any]]) -> 'ServeSettings':
@@ -73,10 +97,139 @@ class ServeSettings:
     values = {f.name: type(f.default)(config.get(f.name)) for f in dataclasses.fields(cls)
               if config.get(f.name) is not None}
     out = cls(**values)
-    for name in ('max_candles', 'max_batch', 'max_series', 'max_symbols', 'max_body_bytes'):
-      if getattr(out, name) < 1:
+    for name in ('max_candles', 'max_batch', 'max_series', 'max_symbols', 'max_body_bytes',
+                 'predict_body_bytes', 'batch_body_bytes'):
+      if getattr(out, name) < (0 if name.endswith('body_bytes') and name != 'max_body_bytes' else 1):
         raise UserError(f'serve config: {name} must be >= 1, got {getattr(out, name)}.')
     return out
+
+
+# One candle as JSON is ~130 bytes with an ISO time and 5-6 decimal prices ({"time":"2024-01-02T15:00:00Z",
+# "open":1.23456,...,"volume":1234.0}); allowing 256 leaves room for long decimals and pretty-printing.
+BYTES_PER_CANDLE = 256
+BODY_OVERHEAD = 4096
+
+
+def body_bytes_for(candles: int) -> int:
+  """The default body limit of a route taking `candles` candles: BYTES_PER_CANDLE * candles + BODY_OVERHEAD."""
+  return BYTES_PER_CANDLE * int(candles) + BODY_OVERHEAD
+
+
+def _names(spec: str) -> frozenset:
+  return frozenset(n.strip().lower().strip('[]') for n in str(spec).split(',') if n.strip())
+
+
+def host_name(value: str) -> str:
+  """'HOST[:PORT]' or '[V6]:PORT' (a Host header or an Origin's netloc) -> the lower-case host, no brackets."""
+  value = value.strip().lower()
+  if value.startswith('['):
+    return value[1:value.find(']')] if ']' in value else value
+  return value.rsplit(':', 1)[0] if value.count(':') == 1 else value
+
+
+def is_loopback(host: str) -> bool:
+  host = host_name(host) if host.startswith('[') else host.strip().lower()
+  if host == 'localhost':
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+def check_exposure(host: str, api_key: str) -> None:
+  """Refuses (UserError) to serve a non-loopback address without an API key."""
+  if not api_key and not is_loopback(host):
+    raise UserError(f'Refusing to listen on {host} without an API key: every machine that can reach it could '
+                    'use the model. Set NATRON_API_KEY or --config.api_key_file=PATH (mode 0600), or bind '
+                    '127.0.0.1.')
+
+
+async def _send_json(send, status: int, payload: dict) -> None:
+  body = schemas.encode_json(payload)
+  await send({'type': 'http.response.start', 'status': status,
+              'headers': [(b'content-type', b'application/json'), (b'content-length', str(len(body)).encode()),
+                          (b'connection', b'close')]})
+  await send({'type': 'http.response.body', 'body': body})
+
+
+class Guard:
+  """ASGI middleware, first on every request: Host and Origin allow-lists, then the per-route body limit.
+
+  Host (DNS rebinding): a Host header whose name is not in `allowed_hosts` -> 400 (WebSocket: refused, 403).
+  Origin (cross-site WebSocket hijacking; browsers send it, the EA and scripts do not): present and not in
+  `allowed_origins` -> 403. Body: a declared Content-Length over the route's limit -> 413 before anything is
+  read; otherwise the body is read here, counting bytes, and 413 as soon as it passes the limit; the app
+  then gets the buffered body. So an oversized body never reaches JSON decoding, and at most `limit` bytes
+  of a request are ever held.
+  """
+
+  def __init__(self, app, settings: ServeSettings):
+    self.app = app
+    self.limits = settings.body_limits()
+    self.default_limit = settings.max_body_bytes
+    self.hosts = _names(settings.allowed_hosts)
+    self.origins = _names(settings.allowed_origins)
+
+  def _refusal(self, scope) -> Optional[tuple[int, str, str]]:
+    headers = dict(scope.get('headers') or ())
+    host = headers.get(b'host', b'').decode('latin-1')
+    if '*' not in self.hosts and host_name(host) not in self.hosts:
+      return 400, 'host', (f'Host {schemas.show(host)} is not allowed (allowed_hosts: {sorted(self.hosts)}); '
+                           'set --config.allowed_hosts to serve another name.')
+    origin = headers.get(b'origin')
+    if origin is not None and '*' not in self.origins:
+      text = origin.decode('latin-1')
+      netloc = text.split('://', 1)[1] if '://' in text else ''
+      if host_name(netloc.split('/', 1)[0]) not in self.origins:
+        return 403, 'origin', (f'Origin {schemas.show(text)} is not allowed (allowed_origins: '
+                               f'{sorted(self.origins)}).')
+    return None
+
+  async def __call__(self, scope, receive, send):
+    if scope['type'] not in ('http', 'websocket'):
+      return await self.app(scope, receive, send)
+    refusal = self._refusal(scope)
+    if refusal is not None:
+      status, rule, detail = refusal
+      if scope['type'] == 'websocket':
+        logging.warning('natron serve: WebSocket refused: %s', detail)
+        await send({'type': 'websocket.close', 'code': 1008})   # before accept: HTTP 403
+      else:
+        await _send_json(send, status, {'detail': detail, 'rule': rule})
+      return None
+    if scope['type'] != 'http' or scope['method'] in ('GET', 'HEAD', 'OPTIONS'):
+      return await self.app(scope, receive, send)
+    limit = self.limits.get(scope['path'], self.default_limit)
+    declared = dict(scope.get('headers') or ()).get(b'content-length')
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+      return await _send_json(send, 413, {'detail': f'Request body of {schemas.show(declared.decode("latin-1"))} '
+                                                    f'bytes is larger than the limit of {limit} for {scope["path"]}.',
+                                          'rule': 'size'})
+    chunks, size, more = [], 0, True
+    while more:
+      message = await receive()
+      if message['type'] == 'http.disconnect':
+        return None
+      chunk = message.get('body', b'')
+      size += len(chunk)
+      if size > limit:
+        return await _send_json(send, 413, {'detail': f'Request body is larger than the limit of {limit} bytes '
+                                                      f'for {scope["path"]}.', 'rule': 'size'})
+      chunks.append(chunk)
+      more = message.get('more_body', False)
+    body = b''.join(chunks)
+    del chunks
+    sent = False
+
+    async def replay():
+      nonlocal sent
+      if not sent:
+        sent = True
+        return {'type': 'http.request', 'body': body, 'more_body': False}
+      return await receive()
+
+    return await self.app(scope, replay, send)
 
 
 class HttpError(Exception):
@@ -369,14 +522,25 @@ class WsSession:
         raise InvalidRequest(f'A message must be a JSON object with a "command", got {type(msg).__name__}.',
                              rule='fields')
       command, request_id = msg.get('command'), msg.get('id')
+      if request_id is not None and not (type(request_id) in (int, float) or
+                                         (isinstance(request_id, str) and len(request_id) <= 100)):
+        request_id = None   # never echoed: a nested or huge id would make the reply as big as the request
+        raise InvalidRequest('"id" must be a number or a string of at most 100 characters.', rule='fields',
+                             field='id')
       if command not in self.COMMANDS:
-        raise InvalidRequest(f'Unknown command {command!r}; expected one of {list(self.COMMANDS)}.',
+        raise InvalidRequest(f'Unknown command {schemas.show(command)}; expected one of {list(self.COMMANDS)}.',
                              rule='command')
       reply = await getattr(self, f'_{command}')(msg)
       if reply.get('type') == 'prediction':
         reply['processing_time_ms'] = _elapsed_ms(start)
     except InvalidRequest as e:
-      reply = {'type': 'error', 'command': command if isinstance(command, str) else None, **e.to_dict()}
+      reply = {'type': 'error', 'command': command if command in self.COMMANDS else None, **e.to_dict()}
+    except Exception:   # pylint: disable=broad-except
+      # Documented contract: an error message, the connection and its subscriptions kept.
+      logging.exception('natron serve: WebSocket command %s failed', command if command in self.COMMANDS else '?')
+      reply = {'type': 'error', 'command': command if command in self.COMMANDS else None,
+               'detail': 'Internal error while handling this command; the connection and its subscriptions are '
+                         'kept.', 'rule': 'internal'}
     if request_id is not None:
       reply['id'] = request_id
     return reply
@@ -384,7 +548,7 @@ class WsSession:
   def _fields(self, msg: dict, allowed: tuple[str, ...]) -> None:
     extra = sorted(k for k in msg if k not in allowed + ('command', 'id'))
     if extra:
-      raise InvalidRequest(f'Unexpected field(s) {extra} for command {msg["command"]!r}; allowed: '
+      raise InvalidRequest(f'Unexpected field(s) {schemas.show_keys(extra)} for command {msg["command"]!r}; allowed: '
                            f'{list(allowed)}.', rule='fields')
 
   def _symbol(self, msg: dict) -> str:
@@ -460,13 +624,15 @@ _ERRORS = {422: {'model': schemas.ErrorResponse, 'description': 'Invalid request
                                                                 'index and field that failed.'},
            401: {'model': schemas.ErrorResponse, 'description': 'API key missing.'},
            403: {'model': schemas.ErrorResponse, 'description': 'API key wrong.'},
-           413: {'model': schemas.ErrorResponse, 'description': 'Body larger than max_body_bytes.'}}
+           413: {'model': schemas.ErrorResponse, 'description': 'Body larger than the route\'s limit '
+                                                                '(predict_body_bytes / batch_body_bytes).'}}
 
 
 def create_app(predictor, serve_config: Optional[Mapping[str, Any]] = None) -> FastAPI:
   """The FastAPI app serving `predictor` with the limits and key of `serve_config` (see ServeSettings)."""
   settings = ServeSettings.from_config(serve_config)
   service = Service(predictor, settings)
+  body_limits = settings.body_limits()
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
@@ -481,6 +647,7 @@ def create_app(predictor, serve_config: Optional[Mapping[str, Any]] = None) -> F
                 docs_url='/docs' if public_docs else None, redoc_url='/redoc' if public_docs else None,
                 openapi_url='/openapi.json' if public_docs else None)
   app.state.service = service
+  app.add_middleware(Guard, settings=settings)
 
   async def require_key(key: Optional[str] = Security(_API_KEY_HEADER),
                         bearer: Optional[HTTPAuthorizationCredentials] = Security(_BEARER)) -> None:
@@ -524,7 +691,7 @@ def create_app(predictor, serve_config: Optional[Mapping[str, Any]] = None) -> F
             responses={200: {'model': schemas.PredictResponse}, **_ERRORS})
   async def predict(request: Request):
     start = time.perf_counter()
-    body = schemas.body_object(schemas.decode_json(await _read_body(request, settings.max_body_bytes)),
+    body = schemas.body_object(schemas.decode_json(await _read_body(request, body_limits['/predict'])),
                                ('candles',))
     if 'candles' not in body:
       raise InvalidRequest("Body needs 'candles': a list of candle objects.", rule='fields', field='candles')
@@ -537,7 +704,7 @@ def create_app(predictor, serve_config: Optional[Mapping[str, Any]] = None) -> F
             responses={200: {'model': schemas.BatchPredictResponse}, **_ERRORS})
   async def batch_predict(request: Request):
     start = time.perf_counter()
-    raw = await _read_body(request, settings.max_body_bytes)
+    raw = await _read_body(request, body_limits['/batch_predict'])
     reply = await service.batch(schemas.decode_json(raw))
     reply['count'] = len(reply['predictions'])
     reply['processing_time_ms'] = _elapsed_ms(start)
@@ -599,11 +766,72 @@ def bind(host: str, port: int) -> socket.socket:
   return sock
 
 
+API_KEY_ENV = 'NATRON_API_KEY'
+_SECRET_QUERY = re.compile(r'((?:api_key|apikey|key|token)=)[^&\s"\']*', re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+  """A URL or log line with the value of every api_key=/key=/token= query parameter replaced by ***."""
+  return _SECRET_QUERY.sub(r'\1***', text)
+
+
+class RedactSecrets(logging_std.Filter):
+  """Logging filter for uvicorn's loggers: its access and WebSocket lines carry the full path with the query
+  string, where a WebSocket client may have put ?api_key=KEY."""
+
+  def filter(self, record) -> bool:
+    if record.args:
+      args = record.args if isinstance(record.args, tuple) else (record.args,)
+      record.args = tuple(redact(a) if isinstance(a, str) else a for a in args)
+    if isinstance(record.msg, str):
+      record.msg = redact(record.msg)
+    return True
+
+
+_REDACT = RedactSecrets()
+
+
+def resolve_api_key(config: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None) -> str:
+  """The API key from, in order: --config.api_key (works, but warns: it is visible in the process list),
+  --config.api_key_file=PATH (must be mode 0600 or stricter; surrounding whitespace stripped), or the
+  NATRON_API_KEY environment variable. '' when none is set. Never logs the key."""
+  environ = os.environ if environ is None else environ
+  given = config.get('api_key') or ''
+  path = config.get('api_key_file') or ''
+  if given and path:
+    raise UserError('serve config: set api_key or api_key_file, not both.')
+  if given:
+    logging.warning('natron serve: --config.api_key puts the key in the process list (ps) and shell history; '
+                    'prefer %s=... or --config.api_key_file=PATH (mode 0600).', API_KEY_ENV)
+    return str(given)
+  if path:
+    try:
+      mode = os.stat(path).st_mode
+    except OSError as e:
+      raise UserError(f'serve config: cannot read api_key_file {path}: {e.strerror}') from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+      raise UserError(f'serve config: api_key_file {path} has mode {stat.S_IMODE(mode):04o}; other users can read '
+                      f'it. Run: chmod 600 {path}')
+    with open(path, encoding='utf-8') as f:
+      key = f.read().strip()
+    if not key:
+      raise UserError(f'serve config: api_key_file {path} is empty.')
+    return key
+  return environ.get(API_KEY_ENV, '').strip()
+
+
 def make_server(app: FastAPI, *, host: str = '127.0.0.1', log_level: str = 'warning',
                 access_log: bool = False):
   import uvicorn   # pylint: disable=g-import-not-at-top
-  config = uvicorn.Config(app, host=host, log_level=log_level, access_log=access_log,
+  service = getattr(getattr(app, 'state', None), 'service', None)
+  # A WebSocket message carries at most one request: the same bound as a /predict body.
+  ws_max = service.settings.body_limits()['/predict'] if service is not None else 16 << 20
+  config = uvicorn.Config(app, host=host, log_level=log_level, access_log=access_log, ws_max_size=ws_max,
                           ws_per_message_deflate=False, timeout_graceful_shutdown=5)
+  # After uvicorn.Config, which (re)configures these loggers.
+  for name in ('uvicorn', 'uvicorn.error', 'uvicorn.access'):
+    if _REDACT not in logging_std.getLogger(name).filters:
+      logging_std.getLogger(name).addFilter(_REDACT)
   return uvicorn.Server(config)
 
 
@@ -619,6 +847,11 @@ def run_phase(config, workdir: str) -> dict:
   from natron.predictor import optional_threshold   # pylint: disable=g-import-not-at-top
   from natron.serve.engine import ServingPredictor   # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
+  # The key and the exposure check first: a refusal should not wait for the model to compile.
+  host = config.get('host', '127.0.0.1')
+  settings = dict(config.to_dict() if hasattr(config, 'to_dict') else config)
+  settings['api_key'] = resolve_api_key(config)
+  check_exposure(host, settings['api_key'])
   cache = compilation_cache_dir(config.get('compilation_cache_dir', 'auto'), workdir)
   if cache:
     import jax   # pylint: disable=g-import-not-at-top
@@ -629,8 +862,7 @@ def run_phase(config, workdir: str) -> dict:
                                     buckets=tuple(config.get('buckets', (1, 8, 32, 128))),
                                     threshold=optional_threshold(config.get('threshold', -1.0)),
                                     exported=config.get('exported', ''))
-  app = create_app(predictor, config)
-  host = config.get('host', '127.0.0.1')
+  app = create_app(predictor, settings)
   sockets = [bind(host, int(config.port))]
   ws_port = int(config.get('ws_port', 0) or 0)
   if ws_port and ws_port != int(config.port):

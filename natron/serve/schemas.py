@@ -45,6 +45,7 @@ import dataclasses
 import itertools
 import math
 import operator
+import reprlib
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
@@ -64,12 +65,43 @@ _MAX_UNIX_SECONDS = times.MAX_EPOCH_SECONDS
 _TIME_FORMS = 'YYYY-MM-DD HH:MM:SS or YYYY.MM.DD HH:MM:SS, ISO 8601 with an optional offset (Z, +02:00)'
 
 
+# Values a client sent are echoed in error messages at most this long (then '…'), and a whole message at
+# most MAX_DETAIL characters: a 20 MB string or a 1,000-level nested list in a field costs a short reply.
+ECHO_CHARS = 100
+MAX_DETAIL = 1000
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, ECHO_CHARS, ECHO_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+  """text cut to `limit` characters, the cut marked with '…'."""
+  return text if len(text) <= limit else text[:limit - 1] + '…'
+
+
+def show(value: Any) -> str:
+  """A client-sent value for an error message: repr, bounded in depth and length (never recursion-deep)."""
+  if isinstance(value, str):
+    return clip(repr(value[:ECHO_CHARS + 1]))
+  try:
+    return clip(_REPR.repr(value))
+  except (RecursionError, ValueError):   # pragma: no cover - reprlib bounds the depth already
+    return f'<{type(value).__name__}>'
+
+
+def show_keys(keys) -> str:
+  """A list of client-sent names (unexpected fields) for an error message: at most 10 names, each clipped."""
+  keys = list(keys)
+  names = [clip(str(k), 40) for k in keys[:10]]
+  return clip(repr(names) + (f' and {len(keys) - 10} more' if len(keys) > 10 else ''), 4 * ECHO_CHARS)
+
+
 class InvalidRequest(UserError):
   """A request the server refuses (HTTP 422): `rule` names the check, `index`/`window`/`field` the place."""
 
   def __init__(self, message: str, *, rule: str, index: Optional[int] = None, window: Optional[int] = None,
                field: Optional[str] = None):
-    super().__init__(message)
+    super().__init__(clip(message, MAX_DETAIL))
     self.rule = rule
     self.index = index
     self.window = window
@@ -100,7 +132,7 @@ def decode_json(body: bytes) -> Any:
   try:
     return orjson.loads(body)
   except orjson.JSONDecodeError as e:
-    raise InvalidRequest(f'Body is not valid JSON: {e}', rule='json') from None
+    raise InvalidRequest(f'Body is not valid JSON: {clip(str(e), 200)}', rule='json') from None
 
 
 def _positional(x: float):
@@ -160,7 +192,7 @@ def _check_fields(items: list, window) -> list[tuple]:
       _fail(f'missing field(s) {missing}', 'fields', window, i)
     extra = sorted(k for k in c if k not in CANDLE_FIELDS)
     if extra:
-      _fail(f'unexpected field(s) {extra}; allowed: {list(CANDLE_FIELDS)}', 'fields', window, i)
+      _fail(f'unexpected field(s) {show_keys(extra)}; allowed: {list(CANDLE_FIELDS)}', 'fields', window, i)
   raise AssertionError('unreachable: a malformed candle was detected but not located')
 
 
@@ -170,14 +202,14 @@ def _parse_numbers(columns: list[tuple], window) -> np.ndarray:
     for j, name in enumerate(PRICE_FIELDS):
       for i, value in enumerate(columns[j]):
         if type(value) not in _NUMBER_TYPES:
-          _fail(f'must be a number, got {value!r}', 'type', window, i, name)
+          _fail(f'must be a number, got {show(value)}', 'type', window, i, name)
   try:
     return np.array(columns, dtype=np.float64).T
   except OverflowError:
     for j, name in enumerate(PRICE_FIELDS):
       for i, value in enumerate(columns[j]):
         if abs(value) > 1e300:
-          _fail(f'{value!r} is out of range', 'not_finite', window, i, name)
+          _fail(f'{show(value)} is out of range', 'not_finite', window, i, name)
     raise
 
 
@@ -187,7 +219,7 @@ def _parse_times(values: tuple, window) -> np.ndarray:
   if not (kinds <= _NUMBER_TYPES or kinds == {str}):
     for i, value in enumerate(values):
       if type(value) not in _NUMBER_TYPES and type(value) is not str:
-        _fail(f'must be unix seconds or a time string ({_TIME_FORMS}), got {value!r}', 'time', window, i,
+        _fail(f'must be unix seconds or a time string ({_TIME_FORMS}), got {show(value)}', 'time', window, i,
               'time')
     first_number = next(i for i, v in enumerate(values) if type(v) in _NUMBER_TYPES)
     first_string = next(i for i, v in enumerate(values) if type(v) is str)
@@ -198,9 +230,9 @@ def _parse_times(values: tuple, window) -> np.ndarray:
   if parsed.bad.any():
     i = int(np.argmax(parsed.bad))
     if type(values[i]) is str:
-      _fail(f'{values[i]!r} is not a time ({_TIME_FORMS}, or unix seconds); text without an offset is read '
+      _fail(f'{show(values[i])} is not a time ({_TIME_FORMS}, or unix seconds); text without an offset is read '
             'as UTC', 'time', window, i, 'time')
-    _fail(f'{values[i]!r} is not unix seconds in [0, {_MAX_UNIX_SECONDS}] (milliseconds? send seconds)',
+    _fail(f'{show(values[i])} is not unix seconds in [0, {_MAX_UNIX_SECONDS}] (milliseconds? send seconds)',
           'time', window, i, 'time')
   return parsed.ns
 
@@ -278,7 +310,7 @@ def body_object(payload: Any, allowed: tuple[str, ...]) -> dict:
                          rule='fields')
   extra = sorted(k for k in payload if k not in allowed)
   if extra:
-    raise InvalidRequest(f'Unexpected top-level field(s) {extra}; allowed: {list(allowed)}', rule='fields')
+    raise InvalidRequest(f'Unexpected top-level field(s) {show_keys(extra)}; allowed: {list(allowed)}', rule='fields')
   return payload
 
 
