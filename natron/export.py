@@ -141,6 +141,17 @@ def to_onnx(params, meta: Mapping, *, opset: int = ONNX_OPSET):
   return model
 
 
+def _graphs(graph):
+  """The graph and every subgraph (Loop / Scan / If bodies), depth first."""
+  yield graph
+  for node in graph.node:
+    for attr in node.attribute:
+      if attr.g is not None and attr.g.node:
+        yield from _graphs(attr.g)
+      for sub in attr.graphs:
+        yield from _graphs(sub)
+
+
 def _clear_placeholder_dims(model) -> int:
   """Makes jax2onnx's placeholder dimension names unknown dimensions; returns how many it cleared.
 
@@ -150,43 +161,23 @@ def _clear_placeholder_dims(model) -> int:
   "Shape mismatch attempting to re-use buffer"). An unnamed dimension promises nothing.
   """
   cleared = 0
-
-  def fix(values):
-    nonlocal cleared
-    for value in values:
-      for dim in value.type.tensor_type.shape.dim:
-        if dim.HasField('dim_param') and dim.dim_param.startswith('JAX2ONNX_'):
-          dim.ClearField('dim_param')
-          cleared += 1
-
-  def walk(graph):
-    fix(graph.value_info)
-    fix(graph.output)
-    fix(graph.input)
-    for node in graph.node:
-      for attr in node.attribute:
-        if attr.g is not None and attr.g.node:
-          walk(attr.g)
-        for sub in attr.graphs:
-          walk(sub)
-  walk(model.graph)
+  for graph in _graphs(model.graph):
+    for values in (graph.value_info, graph.output, graph.input):
+      for value in values:
+        for dim in value.type.tensor_type.shape.dim:
+          if dim.HasField('dim_param') and dim.dim_param.startswith('JAX2ONNX_'):
+            dim.ClearField('dim_param')
+            cleared += 1
   return cleared
 
 
 def operators(model) -> dict[str, int]:
   """{op_type: count} over the graph and every subgraph (Loop / Scan / If bodies)."""
   counts: dict[str, int] = {}
-
-  def walk(graph):
+  for graph in _graphs(model.graph):
     for node in graph.node:
       key = node.op_type if node.domain in ('', 'ai.onnx') else f'{node.domain}.{node.op_type}'
       counts[key] = counts.get(key, 0) + 1
-      for attr in node.attribute:
-        if attr.g is not None and attr.g.node:
-          walk(attr.g)
-        for g in attr.graphs:
-          walk(g)
-  walk(model.graph)
   return dict(sorted(counts.items()))
 
 
