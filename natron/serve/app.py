@@ -133,7 +133,7 @@ def create_app(predictor, serve_config: Optional[Mapping[str, Any]] = None) -> F
   @app.exception_handler(HttpError)
   async def _http_error(request, exc: HttpError):
     del request
-    headers = {'WWW-Authenticate': 'Bearer'} if exc.status == 401 else None
+    headers = dict(exc.headers, **({'WWW-Authenticate': 'Bearer'} if exc.status == 401 else {}))
     return JSONResponse({'detail': str(exc), 'rule': exc.rule}, status_code=exc.status, headers=headers)
 
   @app.exception_handler(RequestValidationError)
@@ -157,7 +157,7 @@ def create_app(predictor, serve_config: Optional[Mapping[str, Any]] = None) -> F
             responses={200: {'model': schemas.PredictResponse}, **_ERRORS})
   async def predict(request: Request):
     start = time.perf_counter()
-    body = schemas.body_object(schemas.decode_json(await _read_body(request, body_limits['/predict'])),
+    body = schemas.body_object(await service.decode(await _read_body(request, body_limits['/predict'])),
                                ('candles',))
     if 'candles' not in body:
       raise InvalidRequest("Body needs 'candles': a list of candle objects.", rule='fields', field='candles')
@@ -171,7 +171,7 @@ def create_app(predictor, serve_config: Optional[Mapping[str, Any]] = None) -> F
   async def batch_predict(request: Request):
     start = time.perf_counter()
     raw = await _read_body(request, body_limits['/batch_predict'])
-    reply = await service.batch(schemas.decode_json(raw))
+    reply = await service.batch(await service.decode(raw))
     reply['count'] = len(reply['predictions'])
     reply['processing_time_ms'] = elapsed_ms(start)
     return _json(reply)

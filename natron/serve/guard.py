@@ -187,12 +187,14 @@ class Guard:
 
 
 class HttpError(Exception):
-  """A refusal that is not a 422 (401/403 auth, 413 size): status + rule + message."""
+  """A refusal that is not a 422 (401/403 auth, 413 size, 503 overloaded): status + rule + message, and
+  extra response headers (e.g. Retry-After)."""
 
-  def __init__(self, status: int, rule: str, message: str):
+  def __init__(self, status: int, rule: str, message: str, headers: Optional[Mapping[str, str]] = None):
     super().__init__(message)
     self.status = status
     self.rule = rule
+    self.headers = dict(headers or {})
 
 
 API_KEY_ENV = 'NATRON_API_KEY'

@@ -29,6 +29,10 @@ class Service:
       raise UserError(f'serve config: max_candles {settings.max_candles} is below the model\'s '
                       f'required_candles {predictor.required_candles}: no request could succeed.')
 
+  async def decode(self, raw: bytes) -> Any:
+    """A request body or WebSocket message -> JSON value (InvalidRequest when it is not valid JSON)."""
+    return schemas.decode_json(raw)
+
   def candles(self, items, *, window: Optional[int] = None, max_count: Optional[int] = None):
     parsed = schemas.parse_candles(items, min_count=self.predictor.required_candles,
                                    max_count=max_count or self.settings.max_candles, window=window)

@@ -42,7 +42,7 @@ class WsSession:
     start = time.perf_counter()
     command, request_id = None, None
     try:
-      msg = schemas.decode_json(raw)
+      msg = await self.service.decode(raw)
       if not isinstance(msg, dict):
         raise InvalidRequest(f'A message must be a JSON object with a "command", got {type(msg).__name__}.',
                              rule='fields')
