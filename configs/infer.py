@@ -30,6 +30,10 @@ def section(quick: bool = False) -> ml_collections.ConfigDict:
   infer.encoded_output = ''  # optional .npy path for the pooled embeddings [T, d_model]
   infer.batch_size = 128     # windows per jitted model call (128 measured fastest per window on 2 cores)
   infer.threshold = -1.0     # < 0 -> the bundle's thresholds.signal
+  # Matmul input dtype: '' -> the bundle's model.dtype; 'bfloat16' -> bf16 inputs with float32 accumulation
+  # (faster where the CPU has AMX/AVX512-BF16 or on a GPU; probabilities differ from float32 by ~1e-2 at most,
+  # measured and tested in tests/test_predictor.py); 'float32' -> exact float32.
+  infer.dtype = ''
   return infer
 
 

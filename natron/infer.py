@@ -37,7 +37,8 @@ def run_phase(config, workdir: str) -> dict:
   start = time_lib.perf_counter()
   predictor = Predictor.load(config.get('bundle') or workdir,
                              threshold=optional_threshold(config.get('threshold', -1.0)),
-                             series_batch=int(config.get('batch_size', 128)))
+                             series_batch=int(config.get('batch_size', 128)),
+                             dtype=config.get('dtype', '') or None)
   frame = load_market(config.data)
   output = config.get('output') or os.path.join(workdir, 'infer', 'predictions.csv')
   tables = []

@@ -108,9 +108,13 @@ def scaler_arrays(meta: Mapping) -> dict:
               scale=np.asarray(meta['scaler']['scale'], np.float32))
 
 
-def model_of(meta: Mapping) -> NatronModel:
+def model_of(meta: Mapping, dtype: Optional[str] = None) -> NatronModel:
+  """The bundle's model for inference; `dtype` overrides its matmul input dtype ('float32' / 'bfloat16'),
+  None keeps the one it was trained with. Parameters stay float32 either way (natron.model)."""
   model_config = dict(meta['config']['model'])
   model_config['dropout'] = 0.0      # inference: dropout is off anyway (train=False); keep it explicit
+  if dtype:
+    model_config['dtype'] = str(dtype)
   return NatronModel(model_config)
 
 
@@ -172,6 +176,7 @@ class Predictor:
   meta: dict
   threshold: Optional[float] = None
   series_batch: int = 128
+  dtype: Optional[str] = None     # matmul input dtype of the series path; None: the bundle's (model_of)
 
   def __post_init__(self):
     meta = self.meta
@@ -184,7 +189,7 @@ class Predictor:
     self.threshold = self.decoder.threshold
     self.model_version = self.decoder.model_version
     self.directions, self.regimes = self.decoder.directions, self.decoder.regimes
-    self._model = model_of(meta)
+    self._model = model_of(meta, self.dtype)
     self._scaler = scaler_arrays(meta)
     self._device_params = jax.device_put(self.params)
     self._series_fn = jax.jit(self._series_forward)
@@ -192,7 +197,8 @@ class Predictor:
 
   @classmethod
   def load(cls, path: str, *, threshold: Optional[float] = None, check_schema: bool = True,
-           series_batch: int = 128, buckets: Sequence[int] = (), series_chunk: int = 0) -> 'Predictor':
+           series_batch: int = 128, buckets: Sequence[int] = (), series_chunk: int = 0,
+           dtype: Optional[str] = None) -> 'Predictor':
     """Restores the bundle at `path` (a bundle dir, or a workdir with finetune/bundle); compiles nothing.
 
     `buckets` and `series_chunk` are accepted for older callers and ignored: the serving buckets live in
@@ -200,7 +206,7 @@ class Predictor:
     """
     del buckets, series_chunk
     params, meta, bundle = load_bundle(path, check_schema=check_schema)
-    predictor = cls(params, meta, threshold=threshold, series_batch=series_batch)
+    predictor = cls(params, meta, threshold=threshold, series_batch=series_batch, dtype=dtype)
     predictor.bundle_dir = bundle
     return predictor
 

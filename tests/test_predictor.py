@@ -189,6 +189,21 @@ def test_signal_rule_edges():
   assert list(signal_rule(buy, sell, 0.6)) == ['BUY', 'HOLD', 'BUY', 'SELL', 'HOLD', 'HOLD', 'HOLD']
 
 
+def test_bf16_series_inference_is_close_to_float32():
+  """configs/infer.py --config.dtype=bfloat16: bf16 matmul inputs, f32 accumulation, over the same bundle."""
+  frame = market()
+  ref = Predictor.load(bundle_dir()).predict_series(frame, with_encoded=False)
+  low = Predictor.load(bundle_dir(), dtype='bfloat16').predict_series(frame, with_encoded=False)
+  valid = ref['valid']
+  assert np.array_equal(valid, low['valid']) and valid.any()
+  # tests/test_model.py bounds the bf16 logits by 0.1 + 5% of f32's (bfloat16's 2^-9 per rounding over the
+  # ~10 roundings of a 2-layer path); a sigmoid/softmax probability moves at most 1/2 as much as its logits.
+  for key in ('buy_prob', 'sell_prob'):
+    np.testing.assert_allclose(low[key][valid], ref[key][valid], atol=0.1)
+  assert not np.array_equal(low['buy_prob'][valid], ref['buy_prob'][valid])   # it really computed in bf16
+  assert Predictor.load(bundle_dir(), dtype='bfloat16')._model.config['dtype'] == 'bfloat16'   # pylint: disable=protected-access
+
+
 def test_infer_phase_writes_one_row_per_bar(tmp_path):
   """The batch-inference CLI path: CSV in, one prediction row per bar out."""
   from configs import infer as infer_config   # pylint: disable=g-import-not-at-top
