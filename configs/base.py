@@ -100,7 +100,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.evaluation.block_days = -1           # backtests: days per block; -1: max(label horizon, D^(1/3) days)
   config.evaluation.trials = 1                # configurations tried (sweep size x seeds) for the Deflated Sharpe
 
+  # --- Multi-host (one process per host, the same command on every host; README "More than one machine").
   config.distributed = False                 # jax.distributed.initialize() for multi-host runs
+  # Unset (''/0/-1): detected from the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU). Set all three to launch
+  # the processes yourself (process_id differs per process), e.g. two processes on one machine in the tests.
+  config.cluster = ml_collections.ConfigDict()
+  config.cluster.coordinator_address = ''    # 'host:port' of process 0
+  config.cluster.num_processes = 0
+  config.cluster.process_id = -1
   return config
 
 

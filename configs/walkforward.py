@@ -15,6 +15,11 @@ Folds are cut on one calendar for all symbols (common dates, purged per symbol).
 every symbol before the first fold (data without a spread needs backtest.spread, see configs/backtest.py),
 and report.md states the cost model each fold's backtest applied.
 
+On a cluster, one task per fold and a gather (which refuses missing folds and folds run with another config):
+
+  python launch.py --config=configs/walkforward.py:quick --workdir=runs/wf --fold=$K    # K = 0..folds-1
+  python launch.py --config=configs/walkforward.py:quick --workdir=runs/wf --gather
+
 Slow by design, and not part of configs/pipeline.py: it costs `folds` fine-tunings and PPO trainings.
 Expected runtime on 2 CPU cores (quick: 20,000 synthetic bars, d_model 64, 2 layers, 2 epochs, PPO 2 seeds
 x 262k steps, 3 expanding folds with test blocks of 2,000 bars): about 3-4 min per fold, 10-12 min in all
@@ -46,6 +51,10 @@ def section(quick: bool = False) -> ml_collections.ConfigDict:
   c.train_bars = 0                # rolling window length; 0: as long as fold 0's training span
   c.min_train_bars = 0            # 0: feature warm-up + window + one test block
   c.phases = ('finetune', 'rl', 'backtest')   # run in each fold's workdir, in order
+  # One fold per invocation (a SLURM array / Kubernetes job / Ray task each), then one gather (launch.py --fold=k
+  # and --gather set these): -1 runs every fold in order and writes the tables.
+  c.fold = -1
+  c.gather = False                # run nothing: build plan/summary/report from the folds already in the workdir
   del quick   # the same fold layout at both scales: the quick variant shrinks the model and the training
   return c
 

@@ -9,6 +9,9 @@ Two kinds of directories:
   `params/` (Orbax pytree) + `meta.json` (config, feature names, feature-schema hash, scaler, window,
   warm-up, required candles, label classes, thresholds, model version, step). `load_bundle` needs no target
   structure and returns plain numpy arrays, so any process (CPU server, different device count) can read it.
+
+Multi-host runs (jax.distributed): every process calls `save` and `save_bundle` (Orbax's multi-host saves need
+them all; replicated arrays are written once, by process 0); process 0 alone writes meta.json.
 """
 import json
 import os
@@ -147,19 +150,30 @@ def save_bundle(directory: str, params, meta: Mapping[str, Any], *, step: int | 
   label_classes, thresholds, model_version (see CONTRACTS); `step` is recorded in meta['step'].
   """
   directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  main = jax.process_index() == 0
+  if main:
+    os.makedirs(directory, exist_ok=True)
   meta = _jsonable(dict(meta))
   if step is not None:
     meta['step'] = int(step)
+  # Multi-host: every process calls Orbax (its saves synchronise all processes; replicated values are written
+  # once, by the primary process), and process 0 alone writes meta.json.
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(directory, _PARAMS), params, force=True)
   checkpointer.wait_until_finished()
-  # Write meta.json atomically so a reader never sees half a file.
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix='.json.tmp')
-  with os.fdopen(fd, 'w') as f:
-    json.dump(meta, f, indent=2, allow_nan=True)
-  os.replace(tmp, os.path.join(directory, _META))
+  if main:
+    # Write meta.json atomically so a reader never sees half a file.
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix='.json.tmp')
+    with os.fdopen(fd, 'w') as f:
+      json.dump(meta, f, indent=2, allow_nan=True)
+    os.replace(tmp, os.path.join(directory, _META))
+  _sync('natron_save_bundle')   # the bundle is complete for every process when this returns
   return directory
+
+
+def _sync(name: str) -> None:
+  from natron.train import state as train_state  # pylint: disable=g-import-not-at-top  (imports optax, flax)
+  train_state.sync(name)
 
 
 def load_meta(directory: str) -> dict:

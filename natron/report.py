@@ -158,8 +158,11 @@ def build_report(workdir: str) -> str:
 
 def run_phase(config, workdir: str) -> dict:
   del config
-  text = build_report(workdir)
+  import jax  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, 'report.md')
+  if jax.process_index() != 0:   # multi-host: process 0 alone writes
+    return {'report': path}
+  text = build_report(workdir)
   with open(path, 'w') as f:
     f.write(text)
   logging.info('Report written to %s', path)

@@ -21,6 +21,11 @@ without a spread and no backtest.spread stops here, not after hours of training)
 records the model it applied, and report.md states it per fold and symbol (commission, spread source, mean
 spread in price units and points).
 Writes workdir/walkforward/{plan.json, summary.json, report.md}.
+
+On a cluster: walkforward.fold = k (launch.py --fold=k) runs fold k alone (one array task per fold; plan.json
+and the fold's own summary.json, no tables), and walkforward.gather (launch.py --gather) runs nothing and builds
+summary.json and report.md from the fold directories, refusing folds that are missing or ran with another config.
+Multi-host (jax.distributed): every process runs the folds' phases, process 0 alone writes files.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ TASKS = ('buy', 'sell', 'direction', 'regime')
 MODES = ('expanding', 'rolling')
 METRICS = ('total_return', 'sharpe', 'max_drawdown', 'num_trades')
 EVIDENCE = ('total_return_ci', 'sharpe_ci', 'psr', 'dsr', 'verdict')   # natron.backtest.evidence, when present
+TASK_KEYS = ('fold', 'gather')   # config.walkforward keys that choose what one invocation does
 # Phases a fold can run: the registry minus those that make no sense per fold (features, infer, serve,
 # walkforward itself, report).
 FOLD_PHASES = {name: phase_registry.PHASES[name]
@@ -263,6 +269,9 @@ def fold_config(config, workdir: str, data_paths: list[str], dates: dict, phases
   """The config one fold runs with: its own data cut, split dates and (maybe) the parent's pretrained encoder."""
   cfg = config.copy_and_resolve_references()
   with cfg.unlocked():
+    for key in TASK_KEYS:   # which fold an invocation runs is not part of any fold's config (or fingerprint)
+      if key in cfg.walkforward:
+        del cfg.walkforward[key]
     cfg.data.path = ','.join(data_paths)
     cfg.data.repair = False          # the cut was written from the already loaded (and repaired) market
     cfg.dataset.split_dates = (dates['val_start'], dates['test_split'])
@@ -299,19 +308,42 @@ def _fold_data_paths(frame: pd.DataFrame, fold_dir: str) -> list[str]:
           for sym in sorted(frame['symbol'].astype(str).unique())]
 
 
+def _is_main_process() -> bool:
+  from natron.train import state as train_state  # pylint: disable=g-import-not-at-top
+  return train_state.is_main_process()
+
+
+def _sync(name: str) -> None:
+  from natron.train import state as train_state  # pylint: disable=g-import-not-at-top
+  train_state.sync(name)
+
+
+def _write_json(path: str, value, **kwargs) -> None:
+  """Atomic (array tasks of one walk-forward may write plan.json at the same time); process 0 only."""
+  if not _is_main_process():
+    return
+  tmp = f'{path}.{os.getpid()}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(value, f, indent=2, **kwargs)
+  os.replace(tmp, path)
+
+
 def _write_fold_data(frame: pd.DataFrame, fold_dir: str) -> None:
-  os.makedirs(os.path.join(fold_dir, 'data'), exist_ok=True)
-  for path, (_, part) in zip(_fold_data_paths(frame, fold_dir), frame.groupby('symbol', sort=True)):
-    # Rewritten every time: the cut is a pure function of the plan, and a stale file must not survive.
-    tmp = path + '.tmp'
-    part.drop(columns=['symbol']).reset_index(drop=True).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+  if _is_main_process():
+    os.makedirs(os.path.join(fold_dir, 'data'), exist_ok=True)
+    for path, (_, part) in zip(_fold_data_paths(frame, fold_dir), frame.groupby('symbol', sort=True)):
+      # Rewritten every time: the cut is a pure function of the plan, and a stale file must not survive.
+      tmp = path + '.tmp'
+      part.drop(columns=['symbol']).reset_index(drop=True).to_parquet(tmp, index=False)
+      os.replace(tmp, path)
+  _sync('natron_walkforward_fold_data')   # every process reads the cut process 0 wrote
 
 
 def _run_phases(cfg, fold_dir: str, phases) -> dict:
-  os.makedirs(fold_dir, exist_ok=True)
-  with open(os.path.join(fold_dir, 'config.json'), 'w') as f:
-    f.write(cfg.to_json_best_effort(indent=2))
+  if _is_main_process():
+    os.makedirs(fold_dir, exist_ok=True)
+    with open(os.path.join(fold_dir, 'config.json'), 'w') as f:
+      f.write(cfg.to_json_best_effort(indent=2))
   results = {}
   for name in phases:
     start = time.time()
@@ -358,8 +390,10 @@ def run_phase(config, workdir: str) -> dict:
   from natron import features as features_lib  # pylint: disable=g-import-not-at-top
 
   out_dir = os.path.join(workdir, PHASE)
-  os.makedirs(out_dir, exist_ok=True)
+  if _is_main_process():
+    os.makedirs(out_dir, exist_ok=True)
   settings, phases = _settings(config), _phases(config)
+  only, gather = int(config.walkforward.get('fold', -1)), bool(config.walkforward.get('gather', False))
   purge = dataset_lib.purge_of(config)
   frame = data_lib.load_market(config.data)
   costs = market_costs(frame, config) if {'rl', 'backtest'} & set(phases) else {}   # before any fold runs
@@ -379,14 +413,20 @@ def run_phase(config, workdir: str) -> dict:
   plan = {'settings': {**settings, 'purge': purge, 'min_train_bars': min_train, 'phases': list(phases)},
           'bars': len(timeline), 'folds': [{'rows': f.to_dict(), 'dates': d} for f, d in zip(folds, dates)],
           'costs': costs}
-  with open(os.path.join(out_dir, 'plan.json'), 'w') as f:
-    json.dump(plan, f, indent=2)
+  if not -1 <= only < len(folds):
+    raise UserError(f'walkforward.fold={only} (--fold) is outside the plan: it has {len(folds)} folds '
+                    f'(0..{len(folds) - 1}); -1 runs them all.')
+  if gather:
+    return _gather(config, workdir, out_dir, plan, folds, dates, common, phases)
+  _write_json(os.path.join(out_dir, 'plan.json'), plan)
   logging.info('walkforward: %d %s folds over %d bars (%s .. %s), test blocks of %d bars, purge %d, phases %s',
                len(folds), settings['mode'], len(timeline), pd.Timestamp(start_time), pd.Timestamp(end_time),
                folds[0].test_end - folds[0].test_start, purge, ','.join(phases))
 
   rows, durations = [], []
   for fold, d in zip(folds, dates):
+    if only >= 0 and fold.index != only:
+      continue
     fold_dir = os.path.join(out_dir, f'fold_{fold.index}')
     part = fold_frame(common, d)
     cfg = fold_config(config, workdir, _fold_data_paths(part, fold_dir), d, phases)
@@ -402,24 +442,52 @@ def run_phase(config, workdir: str) -> dict:
       t0 = time.time()
       _write_fold_data(part, fold_dir)
       results = _run_phases(cfg, fold_dir, phases)
-      with open(os.path.join(fold_dir, 'summary.json'), 'w') as f:
-        json.dump({'dates': d, 'phases': list(phases), 'config_sha256': fingerprint, 'results': results}, f,
-                  indent=2, default=str)
+      _write_json(os.path.join(fold_dir, 'summary.json'),
+                  {'dates': d, 'phases': list(phases), 'config_sha256': fingerprint, 'results': results},
+                  default=str)
+      _sync('natron_walkforward_fold_done')
       durations.append(time.time() - t0)
-      left = len(folds) - fold.index - 1
+      left = 0 if only >= 0 else len(folds) - fold.index - 1
       logging.info('walkforward: fold_%d (%d of %d, test %s .. %s) done in %.0f s; ETA %.0f s for %d more '
                    'fold(s).', fold.index, fold.index + 1, len(folds), d['test_start'], d['test_end'] or 'end',
                    durations[-1], np.mean(durations) * left, left)
     rows.append({'fold': fold.index, 'dates': d, **fold_metrics(fold_dir)})
+  if only >= 0:   # one cluster task: the tables wait for the gather (launch.py --gather)
+    return {'fold': only, 'folds': len(folds)}
+  return _write_tables(config, workdir, out_dir, plan, rows, phases)
 
+
+def _write_tables(config, workdir: str, out_dir: str, plan: dict, rows: list[dict], phases) -> dict:
   summary = {'plan': plan, 'folds': rows, 'aggregate': aggregate(rows),
              'pretrained_encoder': (shared_model_init(config, workdir, phases) or None
                                     if 'finetune' in phases else None)}
-  with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2, default=_json_default)
-  with open(os.path.join(out_dir, 'report.md'), 'w') as f:
-    f.write(report_markdown(summary))
-  return {'folds': len(folds), **_flat_headline(summary['aggregate'])}
+  _write_json(os.path.join(out_dir, 'summary.json'), summary, default=_json_default)
+  if _is_main_process():
+    with open(os.path.join(out_dir, 'report.md'), 'w') as f:
+      f.write(report_markdown(summary))
+  return {'folds': len(plan['folds']), **_flat_headline(summary['aggregate'])}
+
+
+def _gather(config, workdir: str, out_dir: str, plan: dict, folds, dates, common, phases) -> dict:
+  """The tables from folds run separately (--fold=k): every fold must be done under this config's plan."""
+  problems = []
+  for fold, d in zip(folds, dates):
+    fold_dir = os.path.join(out_dir, f'fold_{fold.index}')
+    cfg = fold_config(config, workdir, _fold_data_paths(fold_frame(common, d), fold_dir), d, phases)
+    done = _load_json(os.path.join(fold_dir, 'summary.json'))
+    if done is None:
+      problems.append(f'fold_{fold.index} not run (no {os.path.join(fold_dir, "summary.json")})')
+    elif done.get('config_sha256') != config_fingerprint(cfg):
+      problems.append(f'fold_{fold.index} ran with another config or fold plan (its config.json differs from '
+                      'this one)')
+  if problems:
+    raise UserError(f'cannot gather the walk-forward in {out_dir}: ' + '; '.join(problems) + '. Run the '
+                    'missing folds with --fold=k and the same --config and overrides, or gather with the config '
+                    'the folds used.')
+  _write_json(os.path.join(out_dir, 'plan.json'), plan)
+  rows = [{'fold': f.index, 'dates': d, **fold_metrics(os.path.join(out_dir, f'fold_{f.index}'))}
+          for f, d in zip(folds, dates)]
+  return _write_tables(config, workdir, out_dir, plan, rows, phases)
 
 
 def market_costs(frame: pd.DataFrame, config) -> dict:

@@ -1,4 +1,6 @@
-"""launch.py: phases run from a config file, user mistakes are readable errors, sweeps write a table."""
+"""launch.py: phases run from a config file, user mistakes are readable errors, sweeps write a table (whole, or one
+task per run and a gather)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -88,3 +90,71 @@ def test_config_variants_parse_strictly():
   assert base.parse_arg('n=3,name=x', n=1, name='').to_dict() == {'n': 3, 'name': 'x'}
   with pytest.raises(ValueError, match='not a valid int'):
     base.parse_arg('n=three', n=1)
+
+
+SWEEP_CONFIG = (
+    'from configs import base\n'
+    'def get_config(arg=None):\n'
+    '  config = base.get_base_config()\n'
+    '  config.phase = "report"\n'
+    '  return config\n'
+    'def sweep():\n'
+    '  return [{"seed": 1}, {"seed": 2, "backtest.cost_bps": 3.0}]\n')
+
+
+def test_sweep_index_runs_one_and_gather_builds_the_table_from_separate_runs(tmp_path):
+  """A cluster array: each task runs one override (--sweep_index=i), a last job gathers; the gather refuses
+  a missing run and runs made with another config, with a readable error."""
+  sys.path.insert(0, ROOT)
+  import launch as launch_module  # pylint: disable=g-import-not-at-top
+  from natron.errors import UserError  # pylint: disable=g-import-not-at-top
+  config_file = tmp_path / 'sweep_config.py'
+  config_file.write_text(SWEEP_CONFIG)
+  spec = importlib.util.spec_from_file_location('sweep_config', config_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config, workdir = module.get_config(), str(tmp_path / 'sw')
+
+  rows = launch_module.run_sweep(config, workdir, str(config_file), index=1)   # task 1 of the array
+  assert [r['run'] for r in rows] == ['sweep_1'] and sorted(os.listdir(workdir)) == ['sweep_1']
+  with pytest.raises(UserError, match=r'sweep_0: not run .*--sweep_index=i'):
+    launch_module.gather_sweep(config, workdir, str(config_file))
+  with pytest.raises(UserError, match='outside the sweep'):
+    launch_module.run_sweep(config, workdir, str(config_file), index=2)
+
+  # Task 0 as a separate process, then the gather from the command line.
+  proc = launch(f'--config={config_file}', f'--workdir={workdir}', '--sweep_index=0')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not os.path.exists(os.path.join(workdir, 'sweep.json'))   # one task writes no table
+  proc = launch(f'--config={config_file}', f'--workdir={workdir}', '--sweep', '--gather')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  gathered = json.loads((tmp_path / 'sw' / 'sweep.json').read_text())
+  assert [(r['run'], r['override.seed']) for r in gathered] == [('sweep_0', 1), ('sweep_1', 2)]
+  assert gathered[1]['override.backtest.cost_bps'] == 3.0
+  assert (tmp_path / 'sw' / 'sweep.md').read_text().startswith('| run |')
+  # The same rows as one process running the whole sweep.
+  whole = launch_module.run_sweep(config, str(tmp_path / 'whole'), str(config_file))
+  same = lambda rows, root: [{k: str(v).replace(root, 'W') for k, v in r.items() if 'seconds' not in k}
+                             for r in rows]
+  assert same(whole, str(tmp_path / 'whole')) == same(gathered, workdir)
+
+  # Runs from another config are refused, naming the key that differs.
+  proc = launch(f'--config={config_file}', f'--workdir={workdir}', '--sweep', '--gather',
+                '--config.evaluation.level=0.9')
+  assert proc.returncode == 2 and proc.stderr.startswith('natron: error: cannot gather the sweep')
+  assert 'evaluation.level (this config: 0.9, the run: 0.95)' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_fold_and_gather_flags_need_a_walkforward_config(tmp_path):
+  sys.path.insert(0, ROOT)
+  import launch as launch_module  # pylint: disable=g-import-not-at-top
+  from configs import walkforward  # pylint: disable=g-import-not-at-top
+  config = walkforward.get_config('quick')
+  task = launch_module.walkforward_task(config, 2, False)
+  assert task.walkforward.fold == 2 and not task.walkforward.gather and config.walkforward.fold == -1
+  assert launch_module.walkforward_task(config, None, True).walkforward.gather
+  proc = launch('--config=configs/features.py:quick', f'--workdir={tmp_path}', '--fold=1', timeout=120)
+  assert proc.returncode == 2 and '--fold needs a walk-forward config' in proc.stderr, proc.stderr[-2000:]
+  proc = launch('--config=configs/walkforward.py:quick', f'--workdir={tmp_path}', '--fold=1', '--gather',
+                timeout=120)
+  assert proc.returncode == 2 and '--gather runs nothing' in proc.stderr, proc.stderr[-2000:]

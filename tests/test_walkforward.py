@@ -309,6 +309,37 @@ def test_each_fold_trains_before_and_tests_inside_its_own_block(wf_run):
   assert firsts[0][1] < firsts[1][0]
 
 
+def test_one_fold_per_invocation_then_a_gather_reproduce_the_whole_run(wf_run, tmp_path):
+  """A cluster array (launch.py --fold=k, one task per fold) and a gather (--gather) build the tables of one
+  process running every fold; the gather refuses missing folds, folds from another config and a bad index."""
+  config, whole_dir, result = wf_run
+  whole = json.loads(_read(whole_dir, 'summary.json'))
+  workdir = str(tmp_path)
+
+  def task(**keys):
+    cfg = config.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.walkforward.update(**keys)
+    return cfg
+
+  assert wf.run_phase(task(fold=1), workdir) == {'fold': 1, 'folds': 2}   # the second task runs first
+  assert sorted(os.listdir(os.path.join(workdir, 'walkforward'))) == ['fold_1', 'plan.json']
+  with pytest.raises(UserError, match=r'fold_0 not run .*--fold=k'):
+    wf.run_phase(task(gather=True), workdir)
+  with pytest.raises(UserError, match='outside the plan'):
+    wf.run_phase(task(fold=2), workdir)
+  wf.run_phase(task(fold=0), workdir)
+  changed = task(gather=True)
+  changed.backtest.cost_bps = 3.0
+  with pytest.raises(UserError, match='fold_0 ran with another config.*fold_1 ran with another config'):
+    wf.run_phase(changed, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'walkforward', 'summary.json'))
+  assert wf.run_phase(task(gather=True), workdir) == result
+  gathered = json.loads(_read(workdir, 'summary.json'))
+  assert gathered['folds'] == whole['folds'] and gathered['aggregate'] == whole['aggregate']
+  assert _read(workdir, 'report.md') == _read(whole_dir, 'report.md')
+
+
 def test_rerun_skips_finished_folds_and_reports_the_same(wf_run, monkeypatch):
   config, workdir, result = wf_run
   before = json.loads(_read(workdir, 'summary.json'))

@@ -196,9 +196,13 @@ def make_predict_fn(model, loss_fn: Callable | None = None) -> Callable:
   return predict
 
 
-def predict_split(predict_fn: Callable, params, batches: Iterable[Mapping[str, np.ndarray]]) -> dict:
+def predict_split(predict_fn: Callable, params, batches: Iterable[Mapping[str, np.ndarray]], *,
+                  mesh=None) -> dict:
   """Runs `predict_fn` (from make_predict_fn) over every batch and drops padding rows (mask 0).
 
+  Multi-host (`mesh` given and several processes): `batches` are this process's shares of the global batches
+  (`state.host_shard`); each is assembled into a global array over `mesh`, and predictions and host arrays are
+  gathered back, so every process returns the whole split, in the order a single process would.
   Returns {'preds': {task: int32 [N]}, 'probs': {task: float32 [N, C]}, 'labels': {task: int32 [N]},
   'end': int64 [N] (when the batches carry it), 'loss': mean of the batch losses weighted by their real rows}.
   """
@@ -206,10 +210,16 @@ def predict_split(predict_fn: Callable, params, batches: Iterable[Mapping[str, n
   probs = {t: [] for t in TASKS}
   labels = {t: [] for t in TASKS}
   ends, losses, rows = [], [], []
+  multi_host = mesh is not None and jax.process_count() > 1
   for batch in batches:
-    keep = np.asarray(batch['mask']) > 0
     inputs = {k: v for k, v in batch.items() if k != 'end'}
-    p, q, loss = jax.device_get(predict_fn(params, inputs))
+    if multi_host:
+      from natron.train import state as state_lib  # pylint: disable=g-import-not-at-top
+      out = predict_fn(params, state_lib.shard_batch(inputs, mesh))
+      (p, q, loss), batch = state_lib.gather((out, {k: v for k, v in batch.items() if k != 'x'}))
+    else:
+      p, q, loss = jax.device_get(predict_fn(params, inputs))
+    keep = np.asarray(batch['mask']) > 0
     for t in TASKS:
       preds[t].append(np.asarray(p[t])[keep])
       probs[t].append(np.asarray(q[t])[keep])

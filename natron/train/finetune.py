@@ -20,6 +20,11 @@ Initialisation order: this phase's own latest checkpoint (resume), then `finetun
 checkpoint: its encoder is loaded, parameters matching `finetune.dont_load` keep their fresh values), then
 scratch. Determinism: the init key, every step's dropout key (the seed with the step folded in) and every
 epoch's shuffle (seed, epoch) are functions of config.seed, so a resumed run matches an uninterrupted one.
+Multi-host (jax.distributed, one process per host, the same command): each process loads its contiguous share of
+every global batch, train and eval; the evals gather the predictions back, so every process takes the same
+early-stopping decisions and computes the same report; every process calls Orbax; process 0 alone writes the
+metrics, report, baselines and bundle meta. Equal to one process with the same global batch to float32
+rounding (tests/test_multihost.py).
 """
 from __future__ import annotations
 
@@ -331,7 +336,8 @@ def run_phase(config, workdir: str) -> dict:
   """Fine-tunes, evaluates the best epoch on val and test, writes report + bundle; returns the summary."""
   cfg = config.finetune
   out_dir = os.path.join(workdir, PHASE)
-  os.makedirs(out_dir, exist_ok=True)
+  if train_state.is_main_process():   # multi-host: every process trains, process 0 alone writes files
+    os.makedirs(out_dir, exist_ok=True)
   seed = int(config.seed)
   epochs = int(cfg.epochs)
   batch_size = int(cfg.batch_size)
@@ -371,6 +377,12 @@ def run_phase(config, workdir: str) -> dict:
   mesh = train_state.make_mesh()
   if batch_size % mesh.shape['data']:
     raise UserError(f'finetune.batch_size={batch_size} must be a multiple of the {mesh.shape["data"]} devices.')
+  # Multi-host: each process loads only its contiguous share of every global batch (train and eval); the
+  # evals gather the predictions back, so every process computes the same report from the same numbers.
+  host_shard = train_state.host_shard()
+  if host_shard and eval_batch_size % mesh.shape['data']:
+    raise UserError(f'finetune.eval_batch_size={eval_batch_size} must be a multiple of the '
+                    f'{mesh.shape["data"]} devices of a multi-host run.')
   programs = build_programs(config, total_steps, class_weights, mesh)
   model, optimizer = programs.model, programs.optimizer
   init_rng, dropout_rng = init_rngs(seed)
@@ -403,7 +415,7 @@ def run_phase(config, workdir: str) -> dict:
     model_init, loaded = load_model_init(_get(cfg, 'model_init', ''), workdir)
     params, init_info = initial_params(state.params, model_init, loaded,
                                        tuple(_get(cfg, 'dont_load', ('^heads/',))))
-    state = state.replace(params=jax.device_put(params, train_state.replicated(mesh)))
+    state = state.replace(params=train_state.replicate(params, mesh))
   stopper = EarlyStopping(mode, int(_get(cfg, 'patience', 0)), float(_get(cfg, 'min_delta', 0.0)),
                           progress['early_stopping'])
 
@@ -411,8 +423,8 @@ def run_phase(config, workdir: str) -> dict:
   # Evals: one pass over a split with the jitted forward; metrics on the host (numpy).
   # ========================================================================================================
   def run_eval(params, split: str) -> tuple[dict, dict]:
-    batches = ds.batches(split, eval_batch_size, shuffle=False)
-    result = evaluate.predict_split(predict_fn, params, batches)
+    batches = ds.batches(split, eval_batch_size, shuffle=False, **host_shard)
+    result = evaluate.predict_split(predict_fn, params, batches, mesh=mesh)
     metrics = evaluate.evaluate_predictions(result['preds'], result['labels'], train_labels,
                                             labels_lib.NUM_CLASSES)
     metrics['loss'] = result['loss']
@@ -430,7 +442,7 @@ def run_phase(config, workdir: str) -> dict:
     for epoch in range(progress['epoch'], epochs):
       if progress['stopped_early']:
         break
-      for batch in ds.batches('train', batch_size, seed=epoch_seed(seed, epoch), shuffle=True):
+      for batch in ds.batches('train', batch_size, seed=epoch_seed(seed, epoch), shuffle=True, **host_shard):
         state, metrics = train_step(state, train_state.shard_batch(_device_batch(batch), mesh), dropout_rng)
         step += 1
         logger.update(step, metrics)
@@ -463,8 +475,9 @@ def run_phase(config, workdir: str) -> dict:
   # Final evaluation of the best epoch on val and test; report and serving bundle.
   # ========================================================================================================
   baseline_preds, momentum, linear, linear_history = baselines_lib.fit_and_predict(ds, config, class_weights)
-  baselines_lib.save(os.path.join(out_dir, 'baselines'), momentum, linear,
-                     {'linear_history': linear_history, 'kernel': baselines_lib.KERNEL})
+  if train_state.is_main_process():
+    baselines_lib.save(os.path.join(out_dir, 'baselines'), momentum, linear,
+                       {'linear_history': linear_history, 'kernel': baselines_lib.KERNEL})
   ev = config.evaluation
   report = {}
   for split in ('val', 'test'):
@@ -491,9 +504,10 @@ def run_phase(config, workdir: str) -> dict:
       'class_weights': {t: w.tolist() for t, w in class_weights.items()},
       'class_names': {t: list(labels_lib.CLASS_NAMES[t]) for t in TASKS},
   }
-  _write_report(out_dir, report)
+  if train_state.is_main_process():
+    _write_report(out_dir, report)
   summary = summarize(report)
-  params = jax.device_get(best_state.params)
+  params = train_state.gather(best_state.params)
   save_serving_bundle(os.path.join(out_dir, 'bundle'), params, config, ds, summary, int(best_step),
                       rl_starts=rl_starts)
   logging.info('finetune done: %s', json.dumps(summary))

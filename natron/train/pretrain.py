@@ -11,7 +11,7 @@ matmul shapes). Output: Orbax checkpoints in workdir/pretrain/checkpoints (state
 workdir/pretrain/metrics.jsonl; `natron.checkpoint.load_params_for_init(workdir + '/pretrain')` hands the
 encoder to fine-tuning. A run resumes from its own latest checkpoint (saved every epoch) and then
 reproduces an uninterrupted run exactly: data order depends on (seed, epoch), dropout/masking noise on
-(seed, step).
+(seed, step). Multi-host: each process loads its share of every global batch; process 0 alone writes files.
 """
 import json
 import math
@@ -162,11 +162,12 @@ def run_phase(config, workdir: str, *, dataset=None) -> dict:
   """
   cfg = config.pretrain
   out_dir = os.path.join(workdir, PHASE)
-  os.makedirs(out_dir, exist_ok=True)
   if not (cfg.reconstruction_weight or cfg.contrastive_weight):
     raise UserError('pretrain: reconstruction_weight and contrastive_weight are both 0; nothing to learn.')
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if train_state.is_main_process():   # multi-host: every process trains, process 0 alone writes files
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   # ========================================================================================================
   # Data: unlabelled windows (labels are never read here); padding rows carry mask 0.
@@ -200,8 +201,7 @@ def run_phase(config, workdir: str, *, dataset=None) -> dict:
     raise UserError(f'pretrain batch size {batch_size} must be a multiple of the {mesh.shape["data"]} '
                     'devices.')
   # Multi-host: each process loads only its contiguous share of every global batch.
-  host_shard = ({'num_shards': jax.process_count(), 'shard_index': jax.process_index()}
-                if jax.process_count() > 1 else {})
+  host_shard = train_state.host_shard()
   sample = {'x': np.zeros((batch_size, ds.window, ds.num_features), np.float32),
             'mask': np.ones(batch_size, np.float32)}
   init = lambda rng, b: model.init(rng, b['x'], jnp.zeros(b['x'].shape[:2], bool), train=False)['params']
@@ -277,6 +277,7 @@ def run_phase(config, workdir: str, *, dataset=None) -> dict:
   if train_record:
     summary['train_loss'] = train_record['train/loss']
     summary['samples_per_sec'] = train_record['samples_per_sec']
-  with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  if train_state.is_main_process():
+    with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
   return summary

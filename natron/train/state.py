@@ -6,6 +6,10 @@
   or trained at a lower learning rate (selected by the top-level 'encoder' parameter path).
 - `make_mesh` / `shard_batch`: data parallelism by sharding the batch over a 'data' mesh axis with
   replicated parameters (no pmap): the same code runs on 1 CPU core, 4 fake devices or 8 GPUs.
+- Multi-host (`jax.distributed`, one process per host): `host_shard` (this process's share of every global
+  batch), `replicate` (host values -> replicated global arrays), `gather` (global arrays and per-process
+  shares -> whole numpy values on every process), `is_main_process` (process 0 alone writes files) and
+  `sync` (a barrier, so files process 0 wrote are visible to every process afterwards).
 - `init_state`: `jax.eval_shape` to learn the state's structure, then one jitted init with out_shardings.
 - `make_train_step`: one `jax.jit` (state donated) returning the new state and loss, grad/param norms.
 - `keep_host_memory_mapped`: stops glibc from returning large buffers to the OS after every use, which on CPU
@@ -29,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from natron.errors import UserError
@@ -141,7 +146,9 @@ def make_optimizer(section, total_steps: int, *, encoder_lr_mult: float = 1.0,
 # ----------------------------------------------------------------------------------------------------------
 def make_mesh(devices=None) -> jax.sharding.Mesh:
   """A 1-D mesh named 'data' over all (or the given) devices; Auto axes so jit propagates shardings."""
-  devices = list(devices if devices is not None else jax.devices())
+  # Processes in order along 'data', so process p's share (host_shard) is rows [p*B/P, (p+1)*B/P) of the
+  # global batch: the same global batch, in the same order, as a single process would build.
+  devices = sorted(devices if devices is not None else jax.devices(), key=lambda d: (d.process_index, d.id))
   return jax.make_mesh((len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=devices)
 
@@ -171,6 +178,56 @@ def shard_batch(batch: Mapping[str, Any], mesh) -> dict:
     raise UserError(f'Batch size {sorted(sizes)} is not divisible by the {n} devices of the data mesh; '
                     f'choose a batch size that is a multiple of {n}.')
   return jax.device_put(dict(batch), sharding)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Multi-host: one process per host, every process runs the same program on its share of each batch.
+# ----------------------------------------------------------------------------------------------------------
+def is_main_process() -> bool:
+  """True in the process that writes files (metrics, reports, bundle meta, config.json): process 0.
+
+  Every process computes (collectives need all of them) and calls Orbax (whose multi-host saves need every
+  process); only this one writes the rest, so a shared workdir gets each file once.
+  """
+  return jax.process_index() == 0
+
+
+def host_shard() -> dict:
+  """Keyword arguments of `Dataset.batches` that give this process its contiguous share of every global
+  batch (empty in a single process, which loads whole batches)."""
+  if jax.process_count() == 1:
+    return {}
+  return {'num_shards': jax.process_count(), 'shard_index': jax.process_index()}
+
+
+def replicate(tree, mesh):
+  """Host values (numpy, or arrays equal on every process) -> arrays replicated over the mesh's devices."""
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    x = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, tree)
+
+
+def gather(tree):
+  """Whole numpy values on every process.
+
+  Single process: `jax.device_get`. Multi-host: a global jax.Array (batch-sharded or replicated) comes back
+  whole; a host-local array (this process's share of a batch, from `host_shard`) is concatenated with every
+  other process's share in process order, which rebuilds the global batch.
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def sync(name: str) -> None:
+  """A barrier across processes (no-op in one process): after process 0 wrote a file, every process sees it."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def init_state(model_apply_init: Callable, optimizer: optax.GradientTransformation, sample_batch,
@@ -233,7 +290,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str, phase: str):
     self.directory = os.path.join(workdir, phase)
-    self.active = jax.process_index() == 0
+    self.active = is_main_process()
     self._tb = None
     self._file = None
     if self.active:
