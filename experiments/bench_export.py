@@ -5,14 +5,17 @@ r"""Export benchmark: the ONNX model in onnxruntime next to the JAX function, an
 
 For each model size it writes a bundle with random parameters (latency does not depend on their values; the
 same bundle maker as bench_serve.py), runs the export phase (natron.export) and measures:
-  export_s             the export phase: jax.export serialisation + jax2onnx conversion (+ writing)
+  export_s             the export phase: jax.export serialisation + jax2onnx conversion + compiled serving
+                       executables for this machine (one fresh compile of every bucket and the series chunk)
   onnx_ms              one window [1, required_candles, 5] through onnxruntime (CPU provider), p50 / p99 over
                        --runs runs; with 1 intra-op thread (what an MT5 terminal gives one EA, roughly) and
                        with onnxruntime's default threads
   jax_ms               the same window through jax.jit(predict_fn) (batch 1, the same prices in points)
   max_abs_diff         the largest probability difference between the two over those windows
-  startup_s            ServingPredictor.load in a fresh process (imports excluded), buckets (1, 8, 32, 128):
-                       cold (empty compilation cache) traced / from natron.jax, and warm (cache filled)
+  startup_s            ServingPredictor.load + the first /predict-sized prediction in a fresh process (imports
+                       excluded; import_s beside), buckets (1, 8, 32, 128) and the series chunk: cold (empty
+                       compilation cache) traced / from natron.jax compiling / from natron.jax loading the
+                       compiled executables, and warm (cache filled) traced / from natron.jax compiling
 The CPU model and thread counts are in the output.
 """
 import argparse
@@ -38,23 +41,32 @@ def percentiles(samples) -> dict:
 
 _STARTUP = r'''
 import os, sys, time, json
+start = time.perf_counter()
 sys.path.insert(0, {root!r})
 os.environ['JAX_PLATFORMS'] = 'cpu'
 import jax
 jax.config.update('jax_compilation_cache_dir', {cache!r})
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+import numpy as np
 from natron.serve.engine import ServingPredictor
-start = time.perf_counter()
-engine = ServingPredictor.load({bundle!r}, buckets=(1, 8, 32, 128), exported={exported!r})
-print(json.dumps({{'ready_s': time.perf_counter() - start, 'compile_s': engine.compile_seconds}}))
+imported = time.perf_counter()
+engine = ServingPredictor.load({bundle!r}, buckets=(1, 8, 32, 128), exported={exported!r},
+                               executables={executables!r})
+ticks = 110_000 + np.arange(engine.required_candles) % 50     # a window on the 1e-5 grid
+candles = np.stack([ticks, ticks + 3, ticks - 3, ticks + 1, 100 + 0 * ticks], -1) * np.array([1e-5] * 4 + [1])
+engine.predict(candles, point=1e-5)
+print(json.dumps({{'import_s': imported - start, 'ready_s': time.perf_counter() - imported,
+                  'loaded': engine.info()['executables']}}))
 '''
 
 
-def startup(bundle: str, cache: str, exported: str) -> float:
+def startup(bundle: str, cache: str, exported: str, executables: bool = False) -> dict:
+  """{'import_s', 'ready_s' (load + first prediction), 'loaded' (executables)} of a fresh process."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  code = _STARTUP.format(root=root, cache=cache, bundle=bundle, exported=exported)
+  code = _STARTUP.format(root=root, cache=cache, bundle=bundle, exported=exported, executables=executables)
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
-  return round(json.loads(out.stdout.strip().splitlines()[-1])['ready_s'], 1)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  return {k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}
 
 
 def bench_size(size: str, runs: int, with_startup: bool) -> dict:
@@ -110,10 +122,11 @@ def bench_size(size: str, runs: int, with_startup: bool) -> dict:
   out['max_abs_diff_onnx_vs_jax'] = float(max(diffs))
   out['onnx_bytes'] = os.path.getsize(os.path.join(out_dir, 'natron.onnx'))
   if with_startup:
-    cold_a, cold_b, warm = (tempfile.mkdtemp(prefix='natron-cache-') for _ in range(3))
+    cold_a, cold_b, cold_c, warm = (tempfile.mkdtemp(prefix='natron-cache-') for _ in range(4))
     out['startup_s'] = {
         'cold_traced': startup(bundle, cold_a, ''),
         'cold_from_natron_jax': startup(bundle, cold_b, out_dir),
+        'cold_from_executables': startup(bundle, cold_c, out_dir, executables=True),
         'warm_traced': (startup(bundle, warm, ''), startup(bundle, warm, ''))[1],
         'warm_from_natron_jax': startup(bundle, cold_b, out_dir),
     }

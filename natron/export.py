@@ -13,6 +13,19 @@ writes DIR/export/:
   tracing the feature graph.
 - natron.json: the contract the EA and the server check (layout, outputs, label classes, thresholds, model
   version, feature-schema hash, sha256 of both files, opset, converter versions).
+- executables/<key id>/: the serving engine's COMPILED programs (every batch bucket and the series chunk) for
+  the machine the export ran on, so a server starts in seconds instead of compiling for minutes (see
+  "Compiled executables" below).
+
+Compiled executables: XLA:CPU code is compiled for the host's instruction set (an AVX-512 executable dies
+with SIGILL on an AVX2-only CPU), its jaxlib, its XLA flags and jax's compile options, so each set is keyed
+by `host_key()` (backend, jax/jaxlib versions, devices, the CPU's feature flags, XLA_FLAGS, the compile
+options) plus the engine's program key (the natron.jax program, parameters, meta, the code of the series
+path, the shapes). `load_executables` loads a set only when every key field matches (else says which field
+differs) and then runs each executable on a fixed probe input, comparing the outputs bit for bit with what
+the export recorded: a mismatch or an error falls back to compiling, never to a wrong answer. Run the export
+on each kind of serving machine to add its set; they live side by side. The files are pickles: load only
+export directories you made (jax.experimental.serialize_executable's warning).
 
 Why points go in, not prices: the graph compares and differences price levels, which float32 holds exactly
 only as grid integers (natron.data.grid). rint(price / point) computed INSIDE a float32 graph is exact only
@@ -31,8 +44,12 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
+import platform
+import shutil
+import tempfile
 import time as time_lib
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 from absl import logging
 import jax
@@ -46,6 +63,7 @@ ONNX_OPSET = 14          # the lowest jax2onnx 0.17.1 emits for this graph (13 f
 INPUT_NAME = 'candles'
 OUTPUTS = signals.PROBABILITIES          # ONNX output names, in order
 ONNX_FILE, JAX_FILE, META_FILE = 'natron.onnx', 'natron.jax', 'natron.json'
+EXECUTABLES_DIR, MANIFEST_FILE = 'executables', 'manifest.json'
 
 # ai.onnx operators with float32 (and int64/bool where they index or mask) CPU kernels in ONNX Runtime 1.14 at
 # opset 14 (docs/OperatorKernels.md of onnxruntime rel-1.14.0, the version MT5's documentation cites).
@@ -212,6 +230,11 @@ def read_meta(directory: str) -> dict:
     return json.load(f)
 
 
+def load_jax_export_file(path: str):
+  with open(path, 'rb') as f:
+    return jax.export.deserialize(bytearray(f.read()))
+
+
 def load_jax_export(directory: str, meta: Mapping):
   """The Exported in directory/natron.jax, after checking it was made from a bundle with this `meta`."""
   info = read_meta(directory)
@@ -222,13 +245,220 @@ def load_jax_export(directory: str, meta: Mapping):
   path = os.path.join(directory, JAX_FILE)
   if _sha256(path) != info['files'][JAX_FILE]['sha256']:
     raise UserError(f'{path} does not match the sha256 in {META_FILE}: a partial copy? Re-run the export.')
-  with open(path, 'rb') as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
+  exported = load_jax_export_file(path)
   backend = jax.default_backend()
   if backend not in exported.platforms:
     raise UserError(f'{path} was exported for {list(exported.platforms)}, not for this {backend!r} backend; '
                     f'export again with --config.platforms=cpu,{backend}.')
   return exported
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiled executables (module docstring).
+# ---------------------------------------------------------------------------------------------------------
+# jax options that change the code XLA emits (compile options, not cache settings).
+_COMPILE_OPTIONS = ('jax_disable_most_optimizations', 'jax_enable_x64', 'jax_default_matmul_precision',
+                    'jax_exec_time_optimization_effort', 'jax_memory_fitting_effort', 'jax_optimization_level')
+
+
+def _jax_option(name: str):
+  try:
+    value = jax.config.read(name)
+  except AttributeError:       # options with a context manager are read as attributes
+    value = getattr(jax.config, name, None)
+  return value if isinstance(value, (bool, int, float, str, type(None))) else str(value)
+
+
+def cpu_features() -> list[str]:
+  """The CPU's instruction-set flags as the kernel reports them (/proc/cpuinfo), sorted.
+
+  XLA:CPU compiles for the host's features; where they cannot be read, the host name stands in for them, so
+  executables are then only reused on the machine that compiled them.
+  """
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        name, _, value = line.partition(':')
+        if name.strip() in ('flags', 'Features'):     # x86 / arm64
+          return sorted(set(value.split()))
+  except OSError:
+    pass
+  return [f'host:{platform.node()}']
+
+
+def host_key() -> dict:
+  """What an XLA executable compiled here depends on besides its program (module docstring)."""
+  import jaxlib   # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  return {
+      'backend': jax.default_backend(),
+      'platform_version': str(devices[0].client.platform_version),
+      'devices': [devices[0].device_kind, len(devices)],
+      'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
+      'machine': platform.machine(),
+      'cpu_features': cpu_features(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'compile_options': {name: _jax_option(name) for name in _COMPILE_OPTIONS},
+  }
+
+
+def _key_id(key: Mapping) -> str:
+  return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _why_not(key: Mapping, other: Mapping) -> str:
+  """The first key fields in which `other` (a stored set) differs from `key` (this process), in words."""
+  reasons = []
+  for part in ('host', 'program'):
+    mine, theirs = key.get(part, {}), other.get(part, {})
+    for field in sorted(set(mine) | set(theirs)):
+      if mine.get(field) == theirs.get(field):
+        continue
+      if field == 'cpu_features':
+        lacking = sorted(set(theirs.get(field) or ()) - set(mine.get(field) or ()))
+        reasons.append(f'CPU features differ (this CPU lacks {lacking[:8] or "none"}'
+                       f'{" ..." if len(lacking) > 8 else ""}; XLA:CPU code is compiled for its host)')
+      else:
+        reasons.append(f'{part} {field} differs ({str(theirs.get(field))[:60]!r} there, '
+                       f'{str(mine.get(field))[:60]!r} here)')
+  return '; '.join(reasons[:4]) or 'unknown difference'
+
+
+@contextlib.contextmanager
+def fresh_compiles():
+  """Compiles without the persistent compilation cache, inside the block.
+
+  An XLA:CPU executable that came out of the cache (jaxlib 0.10.2) re-serialises without its object code:
+  loaded again it fails with "NOT_FOUND: Function ... not found". What we write must be compiled afresh.
+  """
+  from jax.experimental.compilation_cache import compilation_cache   # pylint: disable=g-import-not-at-top
+  previous = _jax_option('jax_enable_compilation_cache')
+  jax.config.update('jax_enable_compilation_cache', False)
+  compilation_cache.reset_cache()       # jax decides once per process whether to use the cache
+  try:
+    yield
+  finally:
+    jax.config.update('jax_enable_compilation_cache', bool(previous))
+    compilation_cache.reset_cache()
+
+
+def save_executables(directory: str, program: Mapping, compiled: Mapping[str, 'jax.stages.Compiled'],
+                     specs: Mapping[str, Mapping], probe: Callable[[str, 'jax.stages.Compiled'], str]) -> dict:
+  """Writes directory/executables/<key id>/{NAME.xla, manifest.json}; returns the manifest.
+
+  compiled: {name: jax.stages.Compiled} (compiled afresh: `fresh_compiles`); specs: {name: {field: value}}
+  that a loader must match per executable (its input shape, the code it was traced from);
+  probe(name, executable) -> a digest of its outputs on a fixed input. Every executable is deserialised
+  again here and must give the probe outputs of the original bit for bit, else nothing is written.
+  """
+  from jax.experimental import serialize_executable   # pylint: disable=g-import-not-at-top
+  key = {'host': host_key(), 'program': dict(program)}
+  root = os.path.join(directory, EXECUTABLES_DIR)
+  os.makedirs(root, exist_ok=True)
+  target = os.path.join(root, _key_id(key))
+  staging = tempfile.mkdtemp(dir=root, prefix='.partial-')
+  files = {}
+  try:
+    for name, executable in sorted(compiled.items()):
+      blob = pickle.dumps(serialize_executable.serialize(executable))
+      digest = probe(name, executable)
+      again = serialize_executable.deserialize_and_load(*pickle.loads(blob))
+      if probe(name, again) != digest:
+        raise UserError(f'The compiled {name} does not survive serialisation on this machine (jax '
+                        f'{jax.__version__}); serve without executables (--config.executables=False).')
+      path = os.path.join(staging, f'{name}.xla')
+      with open(path, 'wb') as f:
+        f.write(blob)
+      files[name] = {'file': f'{name}.xla', 'spec': dict(specs[name]), 'sha256': _sha256(path),
+                     'bytes': len(blob), 'probe_sha256': digest}
+    manifest = {'key': key, 'key_id': _key_id(key), 'executables': files,
+                'cpu_model': _cpu_model(), 'written': time_lib.strftime('%Y-%m-%dT%H:%M:%SZ', time_lib.gmtime())}
+    with open(os.path.join(staging, MANIFEST_FILE), 'w') as f:
+      json.dump(manifest, f, indent=2)
+    shutil.rmtree(target, ignore_errors=True)
+    os.chmod(staging, 0o755)        # mkdtemp's 0700 would hide it from the server's user
+    os.replace(staging, target)     # readers see a whole set or none
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return manifest
+
+
+def load_executables(directory: str, program: Mapping, wanted: Mapping[str, Mapping], in_tree,
+                     probe: Optional[Callable[[str, 'jax.stages.Compiled'], str]] = None
+                     ) -> tuple[dict, list[str]]:
+  """({name: jax.stages.Compiled} of the `wanted` {name: spec} this machine can use, [reasons]).
+
+  Loads from directory/executables/<key id> only when the host and program keys match exactly, each file's
+  sha256 and spec (save_executables) match, and (unless probe is None) its probe outputs equal the recorded
+  ones bit for bit. What is not loaded is named in the reasons (the caller compiles it).
+  """
+  from jax.experimental import serialize_executable   # pylint: disable=g-import-not-at-top
+  key = {'host': host_key(), 'program': dict(program)}
+  root = os.path.join(directory, EXECUTABLES_DIR)
+  path = os.path.join(root, _key_id(key), MANIFEST_FILE)
+  if not os.path.isfile(path):
+    others = sorted(glob_manifests(root))
+    if not others:
+      return {}, [f'no compiled executables in {root} (the export phase writes them)']
+    reasons = []
+    for other in others[:3]:
+      with open(other) as f:
+        reasons.append(f'{os.path.basename(os.path.dirname(other))}: {_why_not(key, json.load(f)["key"])}')
+    return {}, ['no executables for this machine and program: ' + ' | '.join(reasons)]
+  with open(path) as f:
+    manifest = json.load(f)
+  if manifest.get('key') != key:   # a hash collision, or a hand-edited manifest
+    return {}, [f'{path}: {_why_not(key, manifest.get("key", {}))}']
+  loaded, reasons = {}, []
+  for name, spec in wanted.items():
+    entry = manifest['executables'].get(name)
+    if entry is None:
+      reasons.append(f'{name}: not among the exported executables {sorted(manifest["executables"])}')
+      continue
+    differs = sorted(k for k in set(spec) | set(entry['spec']) if entry['spec'].get(k) != spec.get(k))
+    if differs:
+      reasons.append(f'{name}: its {", ".join(differs)} differ{"s" if len(differs) == 1 else ""} from the '
+                     f'exported one' + (' (the natron code it is traced from changed since the export)'
+                                        if 'code' in differs else ''))
+      continue
+    file = os.path.join(os.path.dirname(path), entry['file'])
+    try:
+      with open(file, 'rb') as f:
+        blob = f.read()
+      if hashlib.sha256(blob).hexdigest() != entry['sha256']:
+        reasons.append(f'{name}: {file} does not match its sha256 (a partial copy?)')
+        continue
+      serialized, stored_in_tree, out_tree = pickle.loads(blob)
+      if stored_in_tree != in_tree:
+        reasons.append(f'{name}: the parameter tree differs from the one it was compiled for')
+        continue
+      executable = serialize_executable.deserialize_and_load(serialized, stored_in_tree, out_tree)
+      if probe is not None and probe(name, executable) != entry['probe_sha256']:
+        reasons.append(f'{name}: its outputs on the probe input differ from the exported ones')
+        continue
+    except Exception as e:   # pylint: disable=broad-except  (any failure means: compile instead)
+      reasons.append(f'{name}: {type(e).__name__}: {str(e)[:200]}')
+      continue
+    loaded[name] = executable
+  return loaded, reasons
+
+
+def glob_manifests(root: str) -> list[str]:
+  if not os.path.isdir(root):
+    return []
+  return [os.path.join(root, d, MANIFEST_FILE) for d in os.listdir(root)
+          if not d.startswith('.') and os.path.isfile(os.path.join(root, d, MANIFEST_FILE))]
+
+
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.partition(':')[2].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,7 +504,7 @@ def describe(predictor: predictor_lib.Predictor, *, opset: int) -> dict:
 
 
 def run_phase(config, workdir: str) -> dict:
-  """Writes workdir/export/{natron.onnx, natron.jax, natron.json} (or config.output_dir)."""
+  """Writes workdir/export/{natron.onnx, natron.jax, natron.json, executables/} (or config.output_dir)."""
   start = time_lib.perf_counter()
   predictor = predictor_lib.Predictor.load(
       config.get('bundle') or workdir, threshold=predictor_lib.optional_threshold(config.get('threshold', -1.0)))
@@ -290,6 +520,11 @@ def run_phase(config, workdir: str) -> dict:
     f.write(exported.serialize())
   files[JAX_FILE] = {'platforms': list(exported.platforms), 'batch': 'symbolic (b >= 1)'}
   seconds['jax_export'] = round(time_lib.perf_counter() - t, 2)
+  executables = None
+  if config.get('executables', True):
+    t = time_lib.perf_counter()
+    executables = write_serving_executables(predictor, out_dir, config)
+    seconds['executables'] = round(time_lib.perf_counter() - t, 2)
   if config.get('onnx', True):
     import onnx   # pylint: disable=g-import-not-at-top
     t = time_lib.perf_counter()
@@ -308,8 +543,25 @@ def run_phase(config, workdir: str) -> dict:
   summary = {'output_dir': os.path.abspath(out_dir), 'files': sorted(files) + [META_FILE], 'opset': opset,
              'seconds': seconds, 'total_seconds': round(time_lib.perf_counter() - start, 2),
              'model_version': predictor.model_version}
+  if executables is not None:
+    summary['executables'] = {'dir': os.path.join(EXECUTABLES_DIR, executables['key_id']),
+                              'names': sorted(executables['executables']), 'cpu_model': executables['cpu_model']}
   logging.info('export: %s', summary)
   return summary
+
+
+def write_serving_executables(predictor: predictor_lib.Predictor, out_dir: str, config) -> dict:
+  """Compiles the serving engine from out_dir/natron.jax afresh, as `ServingPredictor.load(exported=out_dir)`
+  will build it (config.buckets, config.series_chunk), and saves its executables; returns their manifest."""
+  from natron.serve import engine as engine_lib   # pylint: disable=g-import-not-at-top
+  program = load_jax_export_file(os.path.join(out_dir, JAX_FILE))   # what the server will call, byte for byte
+  chunk = int(config.get('series_chunk', -1))
+  with fresh_compiles():
+    engine = engine_lib.ServingPredictor(
+        predictor.params, predictor.meta, buckets=tuple(config.get('buckets', engine_lib.DEFAULT_BUCKETS)),
+        series_chunk=engine_lib.DEFAULT_SERIES_CHUNK if chunk < 0 else chunk, exported=program,
+        threshold=predictor.threshold)
+  return engine.save_executables(out_dir)
 
 
 def _versions() -> dict:
@@ -327,5 +579,6 @@ def sha256_of(path: str) -> str:
   return _sha256(path)
 
 
-__all__ = ['EXPORT_FORMAT', 'INPUT_NAME', 'ONNX_OPSET', 'OUTPUTS', 'check_operators', 'describe',
-           'load_jax_export', 'operators', 'read_meta', 'run_phase', 'to_jax_export', 'to_onnx']
+__all__ = ['EXPORT_FORMAT', 'INPUT_NAME', 'ONNX_OPSET', 'OUTPUTS', 'check_operators', 'cpu_features',
+           'describe', 'fresh_compiles', 'host_key', 'load_executables', 'load_jax_export', 'operators',
+           'read_meta', 'run_phase', 'save_executables', 'to_jax_export', 'to_onnx']

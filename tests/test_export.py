@@ -47,6 +47,7 @@ def exported_dir() -> str:
   from configs import export as export_config   # pylint: disable=g-import-not-at-top
   config = export_config.get_config()
   config.bundle = bundle_dir()
+  config.executables = False    # tested in tests/test_engine_startup.py; here they would cost fresh compiles
   workdir = os.path.dirname(os.path.dirname(bundle_dir()))
   export_lib.run_phase(config, workdir)
   return os.path.join(workdir, 'export')
