@@ -52,7 +52,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import signal
 
 from natron.errors import UserError
 
@@ -207,6 +206,7 @@ def _log_returns(regime: np.ndarray, seg_start: np.ndarray, rng: np.random.Gener
   eps = rng.standard_normal(n)
   # Unit-variance AR(1) noise: the return's lag-1 autocorrelation inside a regime is ar_coef.
   ar = params.ar_coef
+  from scipy import signal   # pylint: disable=g-import-not-at-top  (1.5 s of import the server never needs)
   noise = signal.lfilter([math.sqrt(1.0 - ar**2)], [1.0, -ar], eps)
   sigma = base_vol * np.asarray(params.vol)[regime] * scale
   ret = base_vol * np.asarray(params.drift)[regime] + sigma * noise
