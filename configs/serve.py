@@ -11,8 +11,10 @@ seed's standalone ws://localhost:8765 WebSocket clients (0 turns that second soc
 --config.exported=DIR/export (written by configs/export.py for the same bundle) calls its natron.jax instead of
 tracing the feature graph at start-up (refused if it was exported from another model or for another backend).
 
-Expected start-up on 2 CPU cores: minutes the first time (the feature graph is compiled once per batch bucket
-and for the series chunk), seconds on later starts (compiled executables are reused from workdir/serve/jax_cache).
+Expected start-up on 2 CPU cores: the sockets answer at once (GET /health: 503 {"status": "starting"} with
+Retry-After, then 200 "ok"); the model is ready after minutes the first time (the feature graph is compiled
+once per batch bucket and for the series chunk), seconds on later starts (compiled executables are reused from
+workdir/serve/jax_cache). A missing bundle is a `natron: error:` before anything listens.
 Expected latency (experiments/bench_serve.py; figures in the README): /predict of required_candles candles a
 few ms at the quick model size, tens of ms at the seed's size (d_model 256, 6 layers) on this CPU.
 """
@@ -38,10 +40,24 @@ def section(quick: bool = False) -> ml_collections.ConfigDict:
   serve.max_batch = 256          # windows per /batch_predict request
   serve.max_series = 10_000      # candles of one /batch_predict series
   serve.max_symbols = 64         # streamed symbols per WebSocket connection
+  # WebSocket connections open at once (both sockets together); one more is closed at once with code 1013
+  # (try again later). A connection holds at most max_symbols x required_candles x 48 bytes of history
+  # (natron.serve.ws.session_bytes_bound: 3 MB at 64 x 1016 bars, the test model); measured ~3.4 MB held, 4-6 MB resident per
+  # such connection (tests/test_serve_ws.py).
+  serve.max_connections = 256
+  # Longest gap a streamed `bar` may follow the previous one by (a whole number of the timeframe inferred at
+  # subscribe: a closed market, stated as "gap_bars"); longer is refused as 'stale'. 96 h covers a weekend
+  # plus a one-day holiday; sessions differ per broker.
+  serve.max_gap_hours = 96.0
+  # The server listens at once and loads the model in the background (/health: 503 'starting'). If loading
+  # fails, /health reports 'failed' with the reason for this many seconds, then the process exits non-zero
+  # (`natron: error: ...`, status 2, when the cause is a user error such as a wrong --config.exported).
+  serve.failed_exit_s = 10.0
   # Body limits, enforced before a body is decoded (413). 0 -> 256 bytes per candle + 4096: /predict
-  # max_candles candles (1.3 MB at 5000), /batch_predict max(max_series, max_batch * max_candles) candles,
-  # both capped by max_body_bytes (also the limit of any other route).
-  serve.max_body_bytes = 64 << 20
+  # max_candles candles (1.3 MB at 5000), /batch_predict min(max_batch_candles, max(max_series, max_batch *
+  # max_candles)) candles (12.8 MB), both capped by max_body_bytes (also the limit of any other route); a
+  # limit set explicitly is used as given.
+  serve.max_body_bytes = 16 << 20
   serve.predict_body_bytes = 0
   serve.batch_body_bytes = 0
   # Host header names and browser/WebSocket Origin hosts accepted, any port ('*': any). Loopback only by
@@ -53,6 +69,16 @@ def section(quick: bool = False) -> ml_collections.ConfigDict:
   serve.threshold = -1.0         # signal threshold; < 0 -> the bundle's thresholds.signal
   serve.compilation_cache_dir = 'auto'  # JAX persistent cache; 'auto': workdir/serve/jax_cache, '': off
   serve.exported = ''            # a DIR/export of configs/export.py: call its natron.jax instead of tracing
+  # Backpressure (natron/serve/guard.py LoopBacklog, batcher.py). A request that cannot be answered by its
+  # deadline (counted from its arrival: the parsing queued ahead of it, then the model queue) is 503 with
+  # Retry-After (seconds) at once; so is one that would queue more than max_queue windows for the model, or
+  # that arrives while request bodies being read already hold max_inflight_body_bytes (at least the largest
+  # body limit). Work for a client that disconnected is skipped.
+  serve.request_timeout_ms = 1500.0   # /predict and WebSocket requests (answered before the EA's 2 s timeout)
+  serve.batch_timeout_ms = 30_000.0   # /batch_predict requests
+  serve.max_queue = 1024              # windows (series bars) waiting for the model
+  serve.max_batch_candles = 50_000    # candles in one /batch_predict request, all windows together
+  serve.max_inflight_body_bytes = 32 << 20
   serve.log_level = 'warning'
   serve.access_log = False
   return serve

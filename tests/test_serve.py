@@ -30,8 +30,8 @@ import mt5_client
 from natron.data import DataError, load_ohlcv, rules, validate_ohlcv
 from natron.serve import create_app, schemas
 from natron.errors import UserError
-from natron.serve.app import (BYTES_PER_CANDLE, BODY_OVERHEAD, MicroBatcher, bind, check_exposure, make_server,
-                              resolve_api_key)
+from natron.serve.app import (BYTES_PER_CANDLE, BODY_OVERHEAD, MicroBatcher, NatronJSON, bind, check_exposure,
+                              get_service, make_server, resolve_api_key, serve)
 from natron.serve.schemas import InvalidRequest, validate_arrays
 from test_predictor import SUM_ATOL, atol, market, ohlcv_array, shared_predictor
 
@@ -856,6 +856,8 @@ def test_launch_never_writes_the_key_and_refuses_an_exposed_keyless_server(tmp_p
 
   proc = launch(f'--workdir={tmp_path / "a"}', '--config.api_key=TOPSECRET-123')
   assert proc.returncode != 0 and 'process list' in proc.stderr
+  # Found before anything is bound or loaded: a readable error, no traceback.
+  assert 'natron: error: No Natron bundle' in proc.stderr and 'Traceback' not in proc.stderr
   for path in (tmp_path / 'a' / 'config.json', tmp_path / 'a' / 'serve' / 'config.json'):
     text = path.read_text()
     assert 'TOPSECRET' not in text and json.loads(text)['api_key'] == '<redacted>'
@@ -930,3 +932,128 @@ def test_host_and_origin_allow_lists(server, predictor):
     with ws_connect(f'ws://127.0.0.1:{other}/ws', origin='http://anywhere.example',
                     additional_headers={'Host': 'natron.lan'}, open_timeout=10) as ws:
       assert _ask(ws, {'command': 'ping'})['type'] == 'pong'
+
+
+# --- Routers and dependencies (issue 10): dependency_overrides, response models ------------------------------
+class _CannedService:
+  """A Service stand-in: /predict answers one canned record (with a tiny probability and a key the response
+  model does not declare); everything else is the real service's."""
+
+  def __init__(self, inner, record):
+    self.inner, self.record, self.calls = inner, record, 0
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  async def predict_one(self, items):
+    self.calls += 1
+    return dict(self.record)
+
+
+def test_dependency_override_replaces_the_service_and_response_models_apply(predictor):
+  r = predictor.required_candles
+  app = create_app(predictor, {})
+  # Every route replies through its declared response model and the one JSON writer.
+  for route in app.routes:
+    if hasattr(route, 'response_model') and route.path in ('/health', '/model_info', '/predict', '/batch_predict'):
+      assert route.response_model is not None and route.response_class is NatronJSON, route.path
+  payload = {'candles': candles_json(window_frame(r + 2, r))}
+  with running(app) as port:
+    with httpx.Client(base_url=f'http://127.0.0.1:{port}', timeout=30) as client:
+      real = client.post('/predict', json=payload).json()
+      canned = _CannedService(app.state.service, dict(real, buy_prob=1e-7, undeclared='dropped'))
+      app.dependency_overrides[get_service] = lambda: canned
+      try:
+        reply = client.post('/predict', json=payload)
+      finally:
+        app.dependency_overrides.clear()
+      assert reply.status_code == 200 and canned.calls == 1
+      assert 'undeclared' not in reply.json() and reply.json()['buy_prob'] == 1e-7    # the model applied...
+      assert b'0.0000001' in reply.content and b'e-' not in reply.content              # ...and encode_json
+      after = client.post('/predict', json=payload).json()                            # the override is gone
+      assert after['buy_prob'] == real['buy_prob'] and after['timestamp'] == real['timestamp']
+
+
+# --- Start-up (issue 10): serve at once, load in the background ---------------------------------------------
+def test_server_answers_starting_while_the_model_loads(predictor):
+  r = predictor.required_candles
+  release, calls = threading.Event(), []
+
+  def slow_loader():
+    calls.append(time.monotonic())
+    assert release.wait(120)
+    return predictor
+
+  app = create_app(slow_loader, {})
+  payload = {'candles': candles_json(window_frame(r + 2, r))}
+  with running(app) as port:
+    with httpx.Client(base_url=f'http://127.0.0.1:{port}', timeout=30) as client:
+      health = client.get('/health')
+      assert health.status_code == 503 and health.json()['status'] == 'starting', health.text
+      assert health.headers['Retry-After'] == '5' and 'model_version' not in health.json()
+      for reply in (client.post('/predict', json=payload), client.get('/model_info'),
+                    client.post('/batch_predict', json={'windows': [payload['candles']]})):
+        assert reply.status_code == 503 and reply.json()['rule'] == 'starting', reply.text
+        assert reply.headers['Retry-After'] == '5'
+      bad = client.post('/predict', content=b'{', headers={'Content-Type': 'application/json'})
+      assert bad.status_code == 503   # nothing is parsed before the model is there
+      with ws_connect(f'ws://127.0.0.1:{port}/ws', open_timeout=10) as ws:
+        assert _ask(ws, {'command': 'ping'})['type'] == 'pong'        # the connection works while starting
+        early = _ask(ws, {'command': 'predict', 'candles': payload['candles'], 'id': 1})
+        assert early['type'] == 'error' and early['rule'] == 'starting' and early['retry_after'] == 5.0
+        assert early['id'] == 1
+        assert len(calls) == 1
+        release.set()
+        deadline = time.monotonic() + 60
+        while client.get('/health').status_code != 200:
+          assert time.monotonic() < deadline
+          time.sleep(0.05)
+        health = client.get('/health').json()
+        assert health['status'] == 'ok' and health['model_version'] == 'test-tiny-1'
+        # The same connection now predicts, and so does REST.
+        assert _ask(ws, {'command': 'predict', 'candles': payload['candles']})['type'] == 'prediction'
+      assert client.post('/predict', json=payload).status_code == 200
+      assert client.get('/openapi.json').json()['info']['version'] == 'test-tiny-1'
+  assert len(calls) == 1
+
+
+def test_a_failed_start_reports_the_reason_then_stops_with_the_error(predictor):
+  del predictor
+
+  def broken_loader():
+    time.sleep(0.2)
+    raise UserError('bundle meta is inconsistent (test)')
+
+  app = create_app(broken_loader, {})
+  sock = bind('127.0.0.1', 0)
+  port = sock.getsockname()[1]
+  outcome = {}
+
+  def run():
+    try:
+      serve(app, [sock], failed_exit_s=3.0)
+    except UserError as e:
+      outcome['error'] = e
+
+  thread = threading.Thread(target=run, daemon=True)
+  started = time.monotonic()
+  thread.start()
+  with httpx.Client(base_url=f'http://127.0.0.1:{port}', timeout=10) as client:
+    deadline = time.monotonic() + 30
+    while True:
+      try:
+        health = client.get('/health')
+        if health.json()['status'] == 'failed':
+          break
+      except httpx.TransportError:
+        pass
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    assert health.status_code == 503 and 'inconsistent (test)' in health.json()['reason']
+    assert 'Retry-After' not in health.headers
+    reply = client.post('/predict', json={'candles': []})
+    assert reply.status_code == 503 and reply.json()['rule'] == 'failed' and 'inconsistent' in reply.json()['detail']
+  thread.join(timeout=30)
+  sock.close()
+  assert not thread.is_alive() and 'inconsistent (test)' in str(outcome['error'])
+  assert time.monotonic() - started >= 3.0

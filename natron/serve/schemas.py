@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 import operator
 import reprlib
 from typing import Any, Literal, Optional, Union
@@ -161,7 +162,19 @@ def _plain_floats(obj):
 def encode_json(payload: Any) -> bytes:
   """The server's one JSON encoder (REST and WebSocket replies): orjson, with every float written as a plain
   decimal (never 1e-06): the EA reads probabilities with StringToDouble and range-checks them."""
+  # Fast path (~1 us instead of ~60 us per prediction record): plain orjson, kept when nothing in the output
+  # looks like an exponent. Numpy values raise TypeError here (orjson would write a float32 by its own
+  # shortest digits) and take the slow path like everything that might carry an exponent.
+  try:
+    out = orjson.dumps(payload)
+  except TypeError:
+    out = None
+  if out is not None and not _EXPONENT.search(out):
+    return out
   return orjson.dumps(_plain_floats(payload), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+_EXPONENT = re.compile(rb'[0-9][eE][-+]?[0-9]')
 
 
 def _where(window: Optional[int], index: Optional[int] = None, field: Optional[str] = None) -> str:
@@ -386,9 +399,13 @@ class ErrorResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-  status: Literal['ok']
-  model_version: str
+  """GET /health: HTTP 200 only with status 'ok'; 503 otherwise (natron/serve/app.py, Start-up)."""
+  model_config = ConfigDict(extra='allow')
+  status: str = Field(description="'ok' (serving), 'starting' (the model is loading; Retry-After says when to "
+                                  "ask again) or 'failed' (with the reason); 503 unless 'ok'.")
+  model_version: Optional[str] = Field(None, description='Absent until the model is loaded.')
   uptime_s: float
+  reason: Optional[str] = Field(None, description='Why the server is not serving (status failed).')
 
 
 class ModelInfoResponse(BaseModel):
