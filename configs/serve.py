@@ -8,13 +8,15 @@ Binds 127.0.0.1 (this machine only) unless --config.host=0.0.0.0. HTTP on `port`
 POST /predict, POST /batch_predict, WS /ws); the same app also listens on `ws_port` (default 8765) for the
 seed's standalone ws://localhost:8765 WebSocket clients (0 turns that second socket off). API docs at /docs.
 
---config.exported=DIR/export (written by configs/export.py for the same bundle) calls its natron.jax instead of
-tracing the feature graph at start-up (refused if it was exported from another model or for another backend).
+--config.exported=DIR/export (written by configs/export.py for the same bundle) calls its natron.jax and loads
+its compiled executables for this machine (seconds) instead of tracing and compiling (refused if it was exported
+from another model or for another backend; executables compiled on another kind of CPU, jaxlib or XLA options
+are not loaded: those buckets compile, and the log says why).
 
 Expected start-up on 2 CPU cores: the sockets answer at once (GET /health: 503 {"status": "starting"} with
-Retry-After, then 200 "ok"); the model is ready after minutes the first time (the feature graph is compiled
-once per batch bucket and for the series chunk), seconds on later starts (compiled executables are reused from
-workdir/serve/jax_cache). A missing bundle is a `natron: error:` before anything listens.
+Retry-After, then 200 "ok"); the model is ready in seconds with --config.exported (its executables), else
+after minutes the first time (the feature graph is compiled once per batch bucket and for the series chunk)
+and seconds on later starts (compiled executables are reused from workdir/serve/jax_cache). A missing bundle is a `natron: error:` before anything listens.
 Expected latency (experiments/bench_serve.py; figures in the README): /predict of required_candles candles a
 few ms at the quick model size, tens of ms at the seed's size (d_model 256, 6 layers) on this CPU.
 """
@@ -68,7 +70,7 @@ def section(quick: bool = False) -> ml_collections.ConfigDict:
   serve.buckets = (1, 8, 32, 128)  # batch sizes compiled at start-up; requests are padded to one
   serve.threshold = -1.0         # signal threshold; < 0 -> the bundle's thresholds.signal
   serve.compilation_cache_dir = 'auto'  # JAX persistent cache; 'auto': workdir/serve/jax_cache, '': off
-  serve.exported = ''            # a DIR/export of configs/export.py: call its natron.jax instead of tracing
+  serve.exported = ''            # a DIR/export of configs/export.py: its natron.jax + executables (no compile)
   # Backpressure (natron/serve/guard.py LoopBacklog, batcher.py). A request that cannot be answered by its
   # deadline (counted from its arrival: the parsing queued ahead of it, then the model queue) is 503 with
   # Retry-After (seconds) at once; so is one that would queue more than max_queue windows for the model, or
