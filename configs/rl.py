@@ -10,7 +10,10 @@ plus half the data's spread, or backtest.spread for data without one (else an er
 the reward and every evaluation, and workdir/rl/metrics.json (`cost_model`) states it.
 
 Expected runtime on 2 shared CPU cores (quick, 20,000 synthetic bars, fine-tuned quick bundle): embedding the
-series ~40 s, PPO (2 seeds x 1M env steps) ~1 min, evaluation a few seconds; full: PPO ~5M steps per seed.
+series ~20-40 s, PPO (2 seeds x 1M env steps, in this process: too short to repay worker start-up) ~20 s;
+evaluation a few seconds; full: PPO ~5M steps per seed (one seed: this process). Runs of >= 8M env steps over
+>= 2 seeds train in one worker process per core (`rl.workers`): ~10-25 s of start-up (import, single-threaded
+compile), then ~175k env steps/s on 2 cores against ~85k on one (experiments/bench_rl.py).
 PPO trains on the bars the bundle's fine-tuning never saw labels of (finetune.rl_holdout, 0.3 in the
 pipeline: out-of-sample observations); with a bundle fine-tuned on the whole training span it warns.
 Data and split settings come from the bundle (config.data_from='bundle').
@@ -52,9 +55,17 @@ def section(quick: bool = False) -> ml_collections.ConfigDict:
   rl.max_grad_norm = 0.5
   rl.hidden = (64, 64)
   rl.activation = 'tanh'
-  rl.num_seeds = 1                # seeds trained at once (jax.vmap); the best on validation is kept
+  rl.num_seeds = 1                # agents trained side by side; the best on validation is kept
+  # Where the seeds train (natron.rl.workers): 'auto' = on CPU one worker process per core (at most one per
+  # seed), each pinned with one XLA thread, when that makes >= 2 workers and the run has >= 8M env steps
+  # (AUTO_MIN_ENV_STEPS: shorter runs finish sooner without the workers' start-up); otherwise, and on a GPU,
+  # this process (jax.vmap over seeds). An integer N: N CPU
+  # worker processes (0: this process). With workers a seed's numbers do not depend on N; one agent does not
+  # go faster on more cores, so set num_seeds to a multiple of the cores to use them all.
+  rl.workers = 'auto'
   # --- Loop, checkpoints, evaluation.
-  rl.log_every = 10               # updates between progress lines
+  rl.log_every = 10               # updates between train_metrics.jsonl lines (and progress lines in this
+                                  # process; worker processes log one progress line per chunk)
   rl.checkpoint_every = 100       # updates per jitted chunk; a checkpoint after each (resume point)
   rl.random_seeds = 20            # random-policy baselines averaged on the test span
   if quick:

@@ -1,29 +1,33 @@
-r"""Speed of the trading environment and of the fully jitted PPO loop; prints one JSON document.
+r"""Speed of the trading environment, of the fully jitted PPO loop, and of the rl phase's training loop on
+1 and 2 cores; prints one JSON document.
 
-  python experiments/bench_rl.py                       # full run (~5-8 min on 2 cores)
-  python experiments/bench_rl.py --envs=8,64 --updates=2 --features=77
-  python experiments/bench_rl.py --cores=1,2 --envs=64 --raw_steps=0     # core scaling only
+  python experiments/bench_rl.py                                  # phase loop on 1 and 2 cores (~3-5 min)
+  python experiments/bench_rl.py --envs=8,64,512,2048 --raw_steps=500   # plus the loop per env count and the env
+  python experiments/bench_rl.py --cores=1,2 --phase_cores=         # the older thread/device scaling study
 
-Core scaling (issue 12): each `--cores` count runs in its own process pinned to that many cores (taskset),
-with as many XLA CPU devices (`--xla_force_host_platform_device_count`), and times, alternating rounds:
-- `one_agent`: one PPO agent, `jax.jit(trainer.train)` (on one core: the 1-core figure);
-- `agents_over_devices`: one agent per device, `ppo.jit_over_seeds` (seeds vmapped, the seed axis sharded
-  over the devices, no collectives);
-then `processes`: as many processes as cores at once, each pinned to one core with one XLA thread, each
-training one agent (the sum of their rates). env steps/s count every agent's steps. Measured 2026-12-01 on
-2 shared Intel Xeon vCPUs (AMX; load average ~4 from other jobs, this run at nice -15), 64 envs:
-1 core 110.5k env steps/s; 2 cores one_agent 93k, agents_over_devices 108k (the two device programs barely
-overlap in jaxlib 0.10: they share one intra-op pool); 2 processes 197.7k (1.79x the 1-core rate).
+`phase` (issue 12): the rl phase's own training loop, `natron.rl.phase.train_agents` (checkpointed chunks,
+metrics lines, the progress logger), on a synthetic market with the quick config's PPO (64 envs x 128 steps,
+4 epochs, minibatches of 256, 2 seeds, chunks of 32 updates), timed with `rl.workers` = 1 (one worker process
+on one core: the 1-core figure) and 2 (a worker per core), in alternating rounds in one run; plus
+`in_process` (`rl.workers=0`: jax.vmap over seeds in this process with XLA's default threading, what the phase
+did before). The rate is the phase's own `env_steps_per_s` (chunks after the first, which compiles), env steps
+of every seed counted; the ratio is 2 cores / 1 core. Measured 2026-12-01 on 2 shared Intel Xeon vCPUs
+(AVX-512, AMX), 3 alternating rounds, load average 4.2-5.8 from other jobs: 1 core 84.7k env steps/s, 2 cores
+174.5k (2.06x), in_process 99.6k (medians; rounds 67.7-85.5k, 123.0-191.2k, 84.5-132.8k).
 
-Measures (issue 6 section 5):
-- full PPO loop (env + network + GAE + updates; MLP 2x64 tanh; 128 steps per env per update, 4 epochs,
-  minibatches of 256) in env steps per second at 8, 64, 512 and 2048 parallel envs, with the compile time
-  reported separately (the first call) and the rate taken from a second, already compiled call;
-- the raw environment at 2048 envs: through gymnax's `step` (auto-reset computed every step) and through
-  `step_env` (no reset), random actions, inside one jitted scan.
+`scaling` (`--cores`, off by default): the study that found why 2 cores were slower than 1: each core count in
+its own process pinned to that many cores (taskset) with as many XLA CPU devices, timing one agent
+(`jax.jit(trainer.train)`) and one agent per device (`ppo.jit_over_seeds`), then one process per core.
+One agent ran 0.8-0.9x as fast on 2 threads as on 1 (XLA hands its tiny ops to the second pool thread at a
+loss); fake devices share one pool and barely overlap (~1x); separate processes scale (1.8-1.9x).
+
+`ppo` (`--envs`): the full PPO loop (env + network + GAE + updates; MLP 2x64 tanh) in env steps per second at
+each env count, compile time reported separately (the first call), the rate from a second, compiled call.
+`env` (`--raw_steps`): the raw environment at 2048 envs through gymnax's `step` (auto-reset computed every
+step) and through `step_env` (no reset), random actions, inside one jitted scan.
 The market is a synthetic random walk with `--features` feature columns (77 = the quick model's 64-dim
-embedding + 13 head probabilities; 269 for the full model's 256-dim one). Timings are medians; wall-clock rates
-and process-CPU-time rates are both reported, with the machine's load average (shared machines).
+embedding + 13 head probabilities; 269 for the full model's 256-dim one). Wall-clock rates are reported with
+the machine's load average (shared machines: repeat when it is high).
 """
 import argparse
 import json
@@ -31,6 +35,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +45,11 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+import ml_collections  # pylint: disable=wrong-import-position
+
 from configs import rl as rl_config  # pylint: disable=wrong-import-position
+from experiments import machine  # pylint: disable=wrong-import-position
+from natron.rl import phase as rl_phase  # pylint: disable=wrong-import-position
 from natron.rl import env as env_lib  # pylint: disable=wrong-import-position
 from natron.rl import ppo  # pylint: disable=wrong-import-position
 
@@ -124,10 +133,12 @@ def bench_scaling(env, params, num_envs: int, updates: int, rounds: int) -> dict
 def _child_cmd(cpus: str, devices: int, args):
   flags = f'--xla_force_host_platform_device_count={devices}'
   if ',' not in cpus:
-    flags += ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+    # One thread: the pin (taskset) sizes XLA's pool; this makes dots single-threaded too. (jaxlib 0.10 has
+    # no XLA flag for the pool size: `intra_op_parallelism_threads` is not one, XLA_FLAGS rejects it.)
+    flags += ' --xla_cpu_multi_thread_eigen=false'
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags,
              PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH', '')) if p))
-  cmd = ['taskset', '-c', cpus, sys.executable, os.path.abspath(__file__), '--child', '--envs', args.envs,
+  cmd = ['taskset', '-c', cpus, sys.executable, os.path.abspath(__file__), '--child', '--envs', args.envs or '64',
          '--updates', str(args.updates), '--features', str(args.features), '--rounds', str(args.rounds)]
   return cmd, env, flags
 
@@ -184,6 +195,44 @@ def scaling_summary(children: list) -> dict:
   return out
 
 
+def bench_phase_once(env, params, workers: int, num_seeds: int, updates: int, chunk: int) -> dict:
+  """One `train_agents` run (the rl phase's loop) into a fresh directory; its own env steps/s figure."""
+  config = ml_collections.ConfigDict({'seed': 0, 'rl': rl_config.section(quick=True)})
+  config.rl.update(num_envs=64, num_steps=128, update_epochs=4, minibatch_size=256, num_seeds=num_seeds,
+                   total_timesteps=64 * 128 * updates, checkpoint_every=chunk, log_every=chunk,
+                   workers=str(workers))
+  load = machine.load_average()
+  with tempfile.TemporaryDirectory() as out:
+    t0 = time.perf_counter()
+    _, _, info = rl_phase.train_agents(config, env, params, out)
+    total = time.perf_counter() - t0
+  return {'env_steps_per_s': info['env_steps_per_s'], 'total_s': round(total, 1), 'workers': info['workers'],
+          'load_average_before': load, 'load_average_after': machine.load_average()}
+
+
+def bench_phase(env, params, cores: list[int], rounds: int, updates: int, chunk: int, in_process: bool) -> dict:
+  """The rl phase's loop with one worker per core for each count in `cores` (alternating rounds), plus the
+  in-process vmap path; medians, every round kept."""
+  num_seeds = max(cores)
+  modes = {f'{c}_core{"s" if c > 1 else ""}': c for c in cores}
+  if in_process:
+    modes['in_process'] = 0
+  runs = {m: [] for m in modes}
+  for _ in range(rounds):
+    for mode, workers in modes.items():
+      runs[mode].append(bench_phase_once(env, params, workers, num_seeds, updates, chunk))
+      print(json.dumps({mode: runs[mode][-1]}), file=sys.stderr, flush=True)
+  out = {'num_envs': 64, 'num_steps': 128, 'num_seeds': num_seeds, 'updates_per_seed': updates,
+         'chunk_updates': chunk, 'timed_env_steps': (updates - chunk) * 64 * 128 * num_seeds,
+         'modes': {m: {'env_steps_per_s_median': round(float(np.median([r['env_steps_per_s'] for r in v]))),
+                       'runs': v} for m, v in runs.items()}}
+  if '1_core' in out['modes']:
+    base = out['modes']['1_core']['env_steps_per_s_median']
+    for mode, row in out['modes'].items():
+      row['vs_1_core'] = round(row['env_steps_per_s_median'] / base, 2)
+  return out
+
+
 def bench_env(env, params, num_envs: int, num_steps: int, via: str) -> dict:
   step = env.step if via == 'step' else env.step_env
 
@@ -211,11 +260,16 @@ def bench_env(env, params, num_envs: int, num_steps: int, via: str) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--envs', default='8,64,512,2048')
+  parser.add_argument('--envs', default='', help='env counts for the PPO loop timing (e.g. 8,64,512,2048)')
   parser.add_argument('--updates', type=int, default=0, help='PPO updates per timing (0: ~262k env steps)')
   parser.add_argument('--features', type=int, default=77)
-  parser.add_argument('--raw_steps', type=int, default=500)
-  parser.add_argument('--cores', default='1,2', help="core counts for the scaling study ('' to skip)")
+  parser.add_argument('--raw_steps', type=int, default=0, help='raw env steps at 2048 envs (e.g. 500)')
+  parser.add_argument('--cores', default='', help='core counts for the thread/device scaling study (1,2)')
+  parser.add_argument('--phase_cores', default='1,2', help="worker counts for the rl phase loop ('' to skip)")
+  parser.add_argument('--phase_updates', type=int, default=128, help='updates per seed in each phase run')
+  parser.add_argument('--phase_chunk', type=int, default=32, help='updates per chunk (the first compiles)')
+  parser.add_argument('--phase_rounds', type=int, default=2)
+  parser.add_argument('--in_process', type=int, default=1, help='also time rl.workers=0 (vmap, this process)')
   parser.add_argument('--rounds', type=int, default=3, help='alternating rounds in the scaling study')
   parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -224,17 +278,21 @@ def main():
   env = env_lib.TradingEnv(args.features)
   if args.child:
     results = []
-    for n in [int(x) for x in args.envs.split(',')]:
+    for n in [int(x) for x in (args.envs or '64').split(',')]:
       updates = args.updates or max(2, 262_144 // (n * 128))
       results.append(bench_scaling(env, params, n, updates, args.rounds))
       print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     print(json.dumps(results))
     return
-  results = {'machine': {'cpu_count': os.cpu_count(), 'platform': platform.platform(),
+  results = {'machine': {'cpu_model': machine.cpu_model(), 'cpu_flags': machine.cpu_flags(),
+                         'cpu_count': os.cpu_count(), 'platform': platform.platform(),
                          'jax': jax.__version__, 'devices': [str(d) for d in jax.devices()],
                          'load_average_at_start': [round(x, 2) for x in os.getloadavg()]},
              'obs_dim': env.obs_shape[0], 'hidden': [64, 64], 'num_steps': 128, 'update_epochs': 4,
              'minibatch_size': 256, 'ppo': [], 'env': []}
+  if args.phase_cores:
+    results['phase'] = bench_phase(env, params, [int(c) for c in args.phase_cores.split(',')],
+                                   args.phase_rounds, args.phase_updates, args.phase_chunk, bool(args.in_process))
   if args.cores:
     results['scaling'] = [run_child(int(c), args) for c in args.cores.split(',')]
     for child in results['scaling']:
@@ -249,7 +307,7 @@ def main():
         row[f'{top}_processes'] = total
         if row.get('1_core'):
           row[f'{top}_processes_vs_1_core'] = round(total / row['1_core'], 2)
-  for n in [int(x) for x in args.envs.split(',')] if not args.cores else []:
+  for n in [int(x) for x in args.envs.split(',') if x]:
     updates = args.updates or max(2, 262_144 // (n * 128))
     results['ppo'].append(bench_ppo(env, params, n, updates))
     print(json.dumps(results['ppo'][-1]), file=sys.stderr)

@@ -7,9 +7,11 @@ Stages:
    splits every phase uses). One symbol is traded (`rl.symbol`, default the first).
 2. Market rows: the bundle's `Predictor.predict_series` embeds every bar once (pooled encoder output, plus the
    heads' probabilities when `rl.use_head_probs`); rows are standardised with mean/std of the TRAINING span.
-3. PPO (`natron.rl.ppo`): `rl.num_seeds` agents at once (`jax.vmap`), in jitted chunks of
-   `rl.checkpoint_every` updates; after each chunk an Orbax checkpoint in workdir/rl/checkpoints (a rerun
-   resumes from the latest one; a finished run is not retrained).
+3. PPO (`natron.rl.ppo`): `rl.num_seeds` agents, in jitted chunks of `rl.checkpoint_every` updates; on CPU in
+   worker processes, one per core (`rl.workers`, natron.rl.workers: cores scale across agents, not inside
+   one), on a GPU in this process (`jax.vmap` over seeds); after each chunk an Orbax checkpoint in
+   workdir/rl/checkpoints (a rerun resumes from the latest one; a finished run is not retrained). The
+   progress log and metrics.json (`env_steps_per_s`, `workers`) state the training speed.
    Costs come from `natron.backtest.resolve_costs` (commission rl.cost_bps or backtest.cost_bps; the data's
    spread, else backtest.spread, else a UserError): the same spread in the environment's reward and in
    every evaluation, and stated (commission, spread source, mean spread) in metrics.json and the test table.
@@ -35,6 +37,7 @@ from natron import checkpoint
 from natron.errors import UserError
 from natron.rl import env as env_lib
 from natron.rl import ppo
+from natron.rl import workers as rl_workers
 
 HEAD_KEYS = ('buy_prob', 'sell_prob', 'direction_probs', 'regime_probs')
 
@@ -251,7 +254,14 @@ def _fingerprint(config, env: env_lib.TradingEnv) -> dict:
 
 
 def train_agents(config, env, env_params, out_dir: str):
-  """Trains (or resumes) `rl.num_seeds` agents; returns (runner vmapped over seeds, trainer, info dict)."""
+  """Trains (or resumes) `rl.num_seeds` agents; returns (runner stacked over seeds, trainer, info dict).
+
+  Where the seeds train is `rl.workers` (natron.rl.workers.resolve_workers): on CPU, by default, one worker
+  process per core, each pinned to its core with one XLA thread (one agent's tiny ops do not speed up with
+  threads; whole agents on separate cores do); on a GPU, in this process, `jax.vmap` over seeds. Either way
+  the chunks, checkpoints, metrics lines and the returned runner are the same; with workers, a seed's numbers
+  do not depend on how many workers there are (natron/rl/workers.py).
+  """
   rl = config.rl
   num_seeds = int(rl.num_seeds)
   trainer = ppo.make_trainer(rl, env, env_params)
@@ -265,9 +275,13 @@ def train_agents(config, env, env_params, out_dir: str):
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           jax.eval_shape(init, keys, env_params))
+  workers = rl_workers.resolve_workers(rl.get('workers', 'auto'), num_seeds, jax.default_backend(),
+                                       env_steps=num_seeds * trainer.num_updates * trainer.batch_size)
   restored = checkpoint.restore_latest(manager, abstract)
   if restored is None:
-    runner = jax.jit(init)(keys, env_params)
+    # With workers, the seeds are initialised one by one when the workers start (_ChunkRunner).
+    runner = None if workers else jax.jit(init)(keys, env_params)
+    done = 0
   else:
     saved_runner, meta = restored
     if meta.get('fingerprint') != json.loads(json.dumps(fingerprint)):
@@ -275,35 +289,87 @@ def train_agents(config, env, env_params, out_dir: str):
           f'{manager.directory} holds a PPO run with other settings ({meta.get("fingerprint")}); use a new '
           f'workdir or delete that folder to start afresh.')
     runner = saved_runner
-    logging.info('rl: resuming from update %d of %d', int(runner.update[0]), trainer.num_updates)
-  done = int(np.asarray(runner.update)[0])
-  compiled = {}
+    done = int(np.asarray(runner.update)[0])
+    logging.info('rl: resuming from update %d of %d', done, trainer.num_updates)
   metrics_path = os.path.join(out_dir, 'train_metrics.jsonl')
   start = time.perf_counter()
   steps_run, run_seconds = 0, 0.0
-  while done < trainer.num_updates:
-    n = min(chunk, trainer.num_updates - done)
-    fresh = n not in compiled   # the first call of each chunk size includes its compilation
-    if fresh:
-      compiled[n] = jax.jit(jax.vmap(lambda r, p, n=n: trainer.run(r, p, n), in_axes=(0, None)))
-    t0 = time.perf_counter()
-    runner, metrics = compiled[n](runner, env_params)
-    metrics = jax.device_get(metrics)
-    seconds = time.perf_counter() - t0
-    if not fresh:
-      steps_run += n * trainer.batch_size * num_seeds
-      run_seconds += seconds
-    _check_finite(metrics, done)
-    _append_metrics(metrics_path, metrics, done, int(rl.log_every))
-    done += n
-    checkpoint.save(manager, done, runner, {'fingerprint': fingerprint, 'update': done,
-                                           'num_updates': trainer.num_updates},
-                    metrics={'episode_net_profit': float(np.nanmean(metrics['episode_net_profit'][:, -1]))})
+  with _ChunkRunner(rl, trainer, env, env_params, keys, runner, workers, abstract) as run_chunk:
+    if done < trainer.num_updates:
+      logging.info('rl: %d seeds x %d updates of %d env steps, %s', num_seeds, trainer.num_updates,
+                   trainer.batch_size, f'{workers} worker process(es), one core each' if workers else
+                   f'in this process ({jax.default_backend()}, jax.vmap over seeds)')
+    seen = set()
+    while done < trainer.num_updates:
+      n = min(chunk, trainer.num_updates - done)
+      fresh = n not in seen   # the first call of each chunk size includes its compilation
+      seen.add(n)
+      t0 = time.perf_counter()
+      runner, metrics = run_chunk(n)
+      seconds = time.perf_counter() - t0
+      if not fresh:
+        steps_run += n * trainer.batch_size * num_seeds
+        run_seconds += seconds
+      _check_finite(metrics, done)
+      _append_metrics(metrics_path, metrics, done, int(rl.log_every))
+      done += n
+      checkpoint.save(manager, done, runner, {'fingerprint': fingerprint, 'update': done,
+                                             'num_updates': trainer.num_updates},
+                      metrics={'episode_net_profit': float(np.nanmean(metrics['episode_net_profit'][:, -1]))})
   info = {'num_updates': trainer.num_updates, 'env_steps_per_seed': trainer.num_updates * trainer.batch_size,
           'num_seeds': num_seeds, 'train_seconds': round(time.perf_counter() - start, 1),
-          'env_steps_per_s': round(steps_run / run_seconds) if run_seconds > 0 else None}
+          'env_steps_per_s': round(steps_run / run_seconds) if run_seconds > 0 else None,
+          'workers': workers}
   logging.info('rl: training done: %s', info)
   return runner, trainer, info
+
+
+class _ChunkRunner:
+  """Context manager giving `run_chunk(n) -> (runner stacked over seeds, metrics {name: [seeds, n]})`.
+
+  workers == 0: one jitted `jax.vmap` over seeds in this process (its progress lines come from inside the
+  loop). Otherwise `natron.rl.workers.SeedWorkers`, started on the first chunk; a progress line per chunk.
+  """
+
+  def __init__(self, rl, trainer, env, env_params, keys, runner, workers: int, abstract):
+    self.rl, self.trainer, self.env, self.env_params, self.keys = rl, trainer, env, env_params, keys
+    self.runner, self.workers, self.abstract = runner, workers, abstract
+    self.compiled, self.pool = {}, None
+    self.logger = ppo.ProgressLogger(num_updates=trainer.num_updates, steps_per_update=trainer.batch_size,
+                                     num_seeds=len(keys))
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if self.pool is not None:
+      self.pool.close()
+
+  def __call__(self, n: int):
+    if not self.workers:
+      if n not in self.compiled:
+        self.compiled[n] = jax.jit(jax.vmap(lambda r, p, n=n: self.trainer.run(r, p, n), in_axes=(0, None)))
+      self.runner, metrics = self.compiled[n](self.runner, self.env_params)
+      return self.runner, jax.device_get(metrics)
+    if self.pool is None:
+      # The workers start importing jax now; meanwhile this process initialises the seeds (one at a time: the
+      # same bits whatever the worker count) or slices the restored runner.
+      self.pool = rl_workers.SeedWorkers(self.rl, self.env.num_features, workers=self.workers,
+                                         num_seeds=len(self.keys))
+      if self.runner is None:
+        leaves = rl_workers.initial_leaves(self.trainer, self.keys, self.env_params)
+      else:   # resume: each seed's slice of the restored runner
+        stacked = [np.asarray(x) for x in jax.tree.leaves(self.runner)]
+        leaves = [[x[s] for x in stacked] for s in range(len(self.keys))]
+      self.pool.start(self.env_params, leaves)
+    per_seed_leaves, per_seed_metrics = self.pool.run(n)
+    treedef = jax.tree.structure(self.abstract)
+    self.runner = jax.tree.unflatten(treedef, [jax.device_put(np.stack(x)) for x in zip(*per_seed_leaves)])
+    metrics = {k: np.stack([m[k] for m in per_seed_metrics]) for k in per_seed_metrics[0]}
+    last = int(np.asarray(self.runner.update)[0])
+    for m in per_seed_metrics:   # one progress line per chunk, at its last update (the workers log nothing)
+      self.logger(last, {k: v[-1] for k, v in m.items()})
+    return self.runner, metrics
 
 
 def _check_finite(metrics: dict, first_update: int) -> None:

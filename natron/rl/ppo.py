@@ -14,11 +14,12 @@ observation; only a true termination cuts the bootstrap (`compute_gae`).
 Parallelism (issue 12): one agent's PPO is a long chain of tiny ops (64-unit MLPs on minibatches of 256),
 too small to split across threads: XLA's CPU runtime hands ready ops to its other pool threads, and those
 hand-offs cost more than the ops, so one process with 2 threads ran slower than with 1 (0.79-0.9x measured).
-Cores pay off across agents instead. `jit_over_seeds` vmaps seeds and shards the seed axis over devices
-(no collectives: each device runs whole agents): that spreads seeds over GPUs, but on CPU with jaxlib 0.10
-two fake host devices (`--xla_force_host_platform_device_count`) share one intra-op pool and their PPO
-programs barely overlap (measured ~1x). On CPU run one process per core, each pinned to its core with one
-XLA thread (experiments/bench_rl.py `processes`: 1.79x the 1-core rate on 2 cores, ~198k env steps/s).
+Cores pay off across agents instead. On CPU the rl phase runs seeds in worker processes, one per core, each
+pinned with one XLA thread (`natron.rl.workers`; 'rl.workers'): ~1.9x the 1-core rate on 2 cores.
+`jit_over_seeds` vmaps seeds and shards the seed axis over devices (no collectives: each device runs whole
+agents): that spreads seeds over GPUs, but on CPU with jaxlib 0.10 fake host devices
+(`--xla_force_host_platform_device_count`) share one intra-op pool and their PPO programs barely overlap
+(measured ~1x), so it is not the CPU path.
 
 Market arrays reach the jitted function as the `env_params` argument (not closed over: closed-over arrays
 would become constants of the compiled program). `make_train(config, env, env_params)` returns
@@ -315,7 +316,7 @@ def jit_over_seeds(fn: Callable, num_seeds: int, *, devices=None, donate: bool =
   the first argument carries a leading seed axis (split over the 'seed' mesh axis), the second (the market)
   is replicated, and every output keeps the seed axis, sharded. Seeds are independent, so the partitioned
   program has no collectives. Results equal the single-device vmap's (the same per-seed program). With one
-  device this is the plain jit(vmap). Use it for several GPUs; on CPU see the module docstring (processes).
+  device this is the plain jit(vmap). Use it for several GPUs; on CPU see natron.rl.workers (processes).
   """
   mesh = seed_mesh(num_seeds, devices)
   per_seed = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('seed'))
