@@ -38,6 +38,24 @@ host memory kept (both frameworks), 5 rounds:
   2 cores: rounds swung 19-76 samples/s under the load (torch's OpenMP threads collapse when the cores are
     oversubscribed: 0.5 s inference p50 in some rounds); best rounds Natron bf16 75.6 vs torch bf16 71.5
     (1.06x); inference p50 Natron bf16 6.45 ms vs torch bf16 6.87 ms (1.07x).
+Re-measured 2026-12-01 after the bf16 backward fix (natron.model: XLA:CPU had silently upcast to float32
+every dense layer's backward product g @ kernel^T and several attention products, because their operand
+copies reached it as transposed layouts; see `_materialized_transpose`), same machine, interleaved, 3
+rounds, before = the previous model.py in an alternating process:
+  1 core, two alternating pairs (load 1.2-3.3): Natron bf16 39.4 / 40.8 -> 51.6 / 51.2 samples/s vs torch
+    bf16 54.8 / 53.1 -> 55.2 / 54.6 in the same processes: 0.72x / 0.77x -> 0.93x / 0.94x; batch-1
+    inference p50 Natron bf16 6.3-6.9 -> 5.7-6.1 ms vs torch 8.8-9.8 ms (1.4-1.6x). At load ~5.5:
+    38.2 -> 44.7 vs torch 47.2 / 52.6 (0.81x -> 0.85x).
+  2 cores (load ~5): Natron bf16 48.7 -> 62.7 vs torch bf16 47.1 / 46.2 (1.04x -> 1.36x); inference p50
+    7.0 -> 6.6 ms vs torch 7.7 / 7.2 ms.
+  Where a 1-core bf16 step's time goes now (XLA profile): dense dots 29% (350-420 GFLOP/s at the model's
+  shapes in isolation, as fast as a 1024^3 bf16 dot: the AMX/AVX512_BF16 path; float32: ~75), hash dropout
+  17% (masks hashed in the forward and again in the backward; storing them instead measured no faster),
+  attention softmax/transposes 14%, attention dots 11% (~40 GFLOP/s: 1024 matmuls of 96x32x96),
+  operand copies 10%, LayerNorm 9%, GELU (erf) 6%, optimizer < 1%. XLA:CPU options of jaxlib 0.10.2
+  (`--xla_cpu_experimental_onednn_custom_call`, `..._onednn_fusion_type`, `..._ynn_fusion_type` +ELTWISE /
+  +REDUCE, `--xla_cpu_enable_fast_math`, `--xla_cpu_prefer_vector_width=512`) left the compiled step
+  unchanged or were within the noise of alternating processes.
 Without `keep_host_memory_mapped` (glibc defaults) a bf16 step at 1 core took 6.2 s instead of 3.3 s
 (~670k page faults per step: YNNPACK's and XLA's buffers above 32 MB are mmap'd afresh on every call).
 """

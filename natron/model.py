@@ -56,21 +56,41 @@ def _get(config, key: str, default=None):
 def _materialized_transpose(x, perm):
   """x transposed by `perm`, kept as a real row-major copy (the identity permutation returns x itself).
 
-  The barrier stops XLA from folding the transpose back into the dot's dimension numbers: XLA:CPU hands
-  only dots whose lhs contracts its last dimension to its bf16 matmul library (YNNPACK) and, in jaxlib
-  0.10, crashes on the others ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32").
+  On CPU the copy is fenced by an optimization barrier, so XLA can neither fold the transpose back into
+  the dot's dimension numbers nor leave it as a transposed *layout* of the dot's operand: XLA:CPU hands
+  bf16 dots to its matmul library (YNNPACK, AMX / AVX512_BF16) only on row-major operands in the forms
+  [batch, M, K] x [batch, K, N] or [batch, N, K]; with a transposed layout it silently upcasts the whole
+  dot to float32 (3-8x slower: it did so for the backward products of every dense layer), and in jaxlib
+  0.10 some other forms crash ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"). The
+  barrier holds the copy with a leading unit axis: a reshape after it then pins the row-major layout (a
+  barrier on the operand's own shape keeps the transposed layout; on a flattened copy XLA's transpose loop
+  is ~7x slower). Axes that stay adjacent are merged first, so [B, W, K] -> [K, B, W] is the 2-D
+  transpose [B*W, K] -> [K, B*W].
   """
-  if tuple(int(i) for i in perm) == tuple(range(x.ndim)):
+  perm = tuple(int(i) for i in perm)
+  if perm == tuple(range(x.ndim)):
     return x
-  x = jnp.transpose(x, tuple(int(i) for i in perm))
-  # GPU matmul libraries take transposed operands directly: there XLA may fold the transpose away.
-  return jax.lax.optimization_barrier(x) if jax.default_backend() == 'cpu' else x
+  groups = []                                           # runs of input axes that stay adjacent
+  for axis in perm:
+    if groups and groups[-1][-1] + 1 == axis:
+      groups[-1].append(axis)
+    else:
+      groups.append([axis])
+  by_input = sorted(range(len(groups)), key=lambda g: groups[g][0])
+  merged = x.reshape([int(np.prod([x.shape[a] for a in groups[g]], dtype=np.int64)) for g in by_input])
+  y = jnp.transpose(merged, [by_input.index(g) for g in range(len(groups))])
+  out_shape = [x.shape[a] for a in perm]
+  if jax.default_backend() != 'cpu':
+    return y.reshape(out_shape)           # GPU matmul libraries take transposed operands: let XLA fold it
+  return jax.lax.optimization_barrier(y.reshape((1,) + y.shape)).reshape(out_shape)
 
 
 def _canonical_dot(lhs, rhs, dimension_numbers):
-  """lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=float32) as ONE matmul of the form
-  [batch, M, K] x [batch, K, N] (or [M, K] x [K, N]) on row-major operands, the form CPU matmul libraries
-  take; the result has dot_general's axis order (batch, lhs free, rhs free)."""
+  """lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=float32) as ONE matmul on
+  row-major operands of the forms CPU matmul libraries take: lhs [batch, M, K] (or [M, K]); rhs [K, N]
+  when it is already laid out so (dense kernels), else [batch, N, K] (a dense layer's backward product
+  g @ kernel^T needs no copy at all in this form; attention operands copied to it keep their contiguous
+  head dimension). The result has dot_general's axis order (batch, lhs free, rhs free)."""
   (lc, rc), (lb, rb) = dimension_numbers
   lf = [i for i in range(lhs.ndim) if i not in lc and i not in lb]
   rf = [i for i in range(rhs.ndim) if i not in rc and i not in rb]
@@ -80,8 +100,16 @@ def _canonical_dot(lhs, rhs, dimension_numbers):
   m, n = int(np.prod(m_shape, dtype=np.int64)), int(np.prod(n_shape, dtype=np.int64))
   lead = [int(np.prod(batch, dtype=np.int64))] if batch else []
   a = _materialized_transpose(lhs, list(lb) + lf + list(lc)).reshape(lead + [m, k])
-  b = _materialized_transpose(rhs, list(rb) + list(rc) + rf).reshape(lead + [k, n])
-  dims = (((2,), (1,)), ((0,), (0,))) if batch else (((1,), (0,)), ((), ()))
+  nb = len(lead)
+  # XLA:CPU upcasts batched [batch, K, N] with N <= 32 to float32 (seen single-threaded, for attention's
+  # products with head_dim 32), while it runs [batch, N, K] of every size in bf16.
+  if list(rb) + list(rc) + rf == list(range(rhs.ndim)) and not (batch and n <= 32):   # [batch, K, N]
+    b = rhs.reshape(lead + [k, n])
+    contract = nb
+  else:                                                               # [batch, N, K]
+    b = _materialized_transpose(rhs, list(rb) + rf + list(rc)).reshape(lead + [n, k])
+    contract = nb + 1
+  dims = (((nb + 1,), (contract,)), ((0,), (0,)) if batch else ((), ()))
   out = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
   return out.reshape(batch + m_shape + n_shape)
 
@@ -102,7 +130,8 @@ def _mixed_dot_bwd(dimension_numbers, compute_dtype, residuals, g):
 
   Written out rather than taken from JAX's transpose rule, which would cast the float32 products back to
   the operands' bf16 (losing gradient precision) and leave transposes that XLA folds into non-canonical
-  dots. Each product is ordered so that its result needs no transpose for the common dense-layer cases.
+  dots. Each product takes whichever operand order yields the cotangent in its operand's axis order (for
+  dense layers both do), so no result needs a transpose.
   """
   lhs, rhs = residuals
   g = g.astype(compute_dtype)
@@ -113,15 +142,31 @@ def _mixed_dot_bwd(dimension_numbers, compute_dtype, residuals, g):
   g_batch = tuple(range(nb))
   g_lf = tuple(range(nb, nb + len(lf)))                 # g's axes: batch, lhs free, rhs free
   g_rf = tuple(range(nb + len(lf), g.ndim))
-  # d_lhs[lb, lf, lc] = sum_rf g[b, lf, rf] rhs[rb, rc, rf]; result axes: batch, lf, rc (in rhs order).
-  d_lhs = _canonical_dot(g, rhs, ((g_rf, tuple(rf)), (g_batch, tuple(rb))))
-  d_lhs = _materialized_transpose(
-      d_lhs, np.argsort(list(lb) + lf + [lc[j] for j in np.argsort(rc)]))
-  # d_rhs[rb, rc, rf] = sum_lf lhs[lb, lf, lc] g[b, lf, rf]; result axes: batch, lc (in lhs order), rf.
-  d_rhs = _canonical_dot(lhs, g, ((tuple(lf), g_lf), (tuple(lb), g_batch)))
-  d_rhs = _materialized_transpose(
-      d_rhs, np.argsort(list(rb) + [rc[j] for j in np.argsort(lc)] + rf))
+  # d_lhs[lb, lf, lc] = sum_rf g[b, lf, rf] rhs[rb, rc, rf]
+  d_lhs = _ordered_product(
+      (g, rhs, ((g_rf, tuple(rf)), (g_batch, tuple(rb))), list(lb) + lf + [lc[j] for j in np.argsort(rc)]),
+      (rhs, g, ((tuple(rf), g_rf), (tuple(rb), g_batch)), list(lb) + [lc[j] for j in np.argsort(rc)] + lf))
+  # d_rhs[rb, rc, rf] = sum_lf lhs[lb, lf, lc] g[b, lf, rf]
+  d_rhs = _ordered_product(
+      (lhs, g, ((tuple(lf), g_lf), (tuple(lb), g_batch)), list(rb) + [rc[j] for j in np.argsort(lc)] + rf),
+      (g, lhs, ((g_lf, tuple(lf)), (g_batch, tuple(lb))), list(rb) + rf + [rc[j] for j in np.argsort(lc)]))
   return d_lhs, d_rhs
+
+
+def _ordered_product(*candidates):
+  """The first candidate product (a, b, dims, axes) whose result axes `axes` are already in order, else the
+  one with the most rows (M, a's free size: XLA:CPU upcasts batched bf16 products with M <= 32 to float32,
+  e.g. [head_dim, W] x [W, W]), transposed through a fenced copy (XLA would otherwise fold the transpose
+  into the dot by swapping its operands, a form its bf16 matmul path does not take)."""
+  for a, b, dims, axes in candidates:
+    if list(axes) == sorted(axes):
+      return _canonical_dot(a, b, dims)
+
+  def rows(candidate):
+    a, _, ((contract, _), (batch, _)), _ = candidate
+    return int(np.prod([a.shape[i] for i in range(a.ndim) if i not in contract and i not in batch]))
+  a, b, dims, axes = max(candidates, key=rows)
+  return _materialized_transpose(_canonical_dot(a, b, dims), np.argsort(axes))
 
 
 _mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)

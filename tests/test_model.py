@@ -83,6 +83,7 @@ def test_bf16_compute_keeps_f32_params_and_logits_close_to_f32():
 # The dot shapes the model uses: Dense, DenseGeneral over two axes (attention output), the attention scores
 # and the attention average (batch dims in the middle of the operands).
 _DOTS = [((6, 5, 8), (8, 3), (((2,), (0,)), ((), ()))),
+         ((6, 5, 8), (3, 8), (((2,), (1,)), ((), ()))),
          ((2, 5, 3, 4), (3, 4, 6), (((2, 3), (0, 1)), ((), ()))),
          ((2, 5, 3, 4), (2, 7, 3, 4), (((3,), (3,)), ((0, 2), (0, 2)))),
          ((2, 3, 5, 7), (2, 7, 3, 4), (((3,), (1,)), ((0, 1), (0, 2))))]
@@ -109,6 +110,45 @@ def test_mixed_dot_general_is_bf16_inputs_f32_accumulation_forward_and_backward(
   for got, want, bound in zip((out, dx, dy), (ref, rx, ry), bounds):
     np.testing.assert_array_less(np.abs(np.asarray(got - want)), gamma32(35) * np.asarray(bound) + 1e-30)
   assert not np.allclose(np.asarray(out), np.asarray(exact(x, y)), rtol=1e-5, atol=0)   # inputs were rounded
+
+
+def _dot_operand_types(hlo_text):
+  """[(lhs dtype, rhs dtype)] of every dot in an optimised HLO module's text."""
+  import re  # pylint: disable=g-import-not-at-top
+  types = []
+  for computation in hlo_text.split('\n\n'):
+    for lhs, rhs in re.findall(r' dot\(%([\w.\-]+), %([\w.\-]+)\)', computation):
+      dtype = lambda name: re.search(r'%' + re.escape(name) + r' = (\w+)\[', computation).group(1)
+      types.append((dtype(lhs), dtype(rhs)))
+  return types
+
+
+@pytest.mark.parametrize('lhs_shape,rhs_shape,dims', [
+    ((4, 24, 64), (64, 128), (((2,), (0,)), ((), ()))),                    # dense layer
+    ((4, 24, 64), (128, 64), (((2,), (1,)), ((), ()))),                    # dense layer, [out, in] kernel
+    ((4, 24, 2, 32), (4, 24, 2, 32), (((3,), (3,)), ((0, 2), (0, 2)))),     # attention logits q.k
+    ((4, 2, 24, 24), (4, 24, 2, 32), (((3,), (1,)), ((0, 1), (0, 2))))])   # attention weights x values
+def test_mixed_dot_general_stays_bf16_in_the_optimised_forward_and_backward(lhs_shape, rhs_shape, dims):
+  """XLA:CPU silently upcasts a bf16 dot to float32 when its operand has a transposed layout (and, for
+  some batched shapes, when N or M <= 32): every product of the jitted value-and-grad must stay bf16 x bf16
+  (the backward products of every dense layer were float32, 4-5x slower, before the operand copies were
+  fenced as row-major)."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  x, y = jax.random.normal(k1, lhs_shape), jax.random.normal(k2, rhs_shape)
+  loss = lambda a, b: jnp.sum(jnp.sin(model_lib.mixed_dot_general(a, b, dims)))
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)   # the upcast happens in XLA's optimising passes
+  try:
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, y).compile()
+    value, (dx, dy) = compiled(x, y)
+  finally:
+    jax.config.update('jax_disable_most_optimizations', previous)
+  types = _dot_operand_types(compiled.as_text())
+  assert len(types) == 3 and all(t == ('bf16', 'bf16') for t in types), types
+  ref_value, (rx, ry) = jax.value_and_grad(loss, argnums=(0, 1))(x, y)   # unoptimised: the same numbers
+  np.testing.assert_allclose(np.asarray(value), np.asarray(ref_value), rtol=1e-5)
+  for got, want in ((dx, rx), (dy, ry)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_training_reaches_the_f32_runs_validation_metrics():
