@@ -11,10 +11,10 @@ direction (+ prob_UP/DOWN/NEUTRAL), regime (+ regime_confidence and the six prob
 confidence, model_version. Bars before required_candles - 1 have valid=False, empty probabilities and HOLD.
 A `.parquet` output path writes Parquet instead of CSV.
 
-Expected runtime on 2 CPU cores: the model dominates, ~20 MFLOP per bar at the quick size (d_model 64,
-2 layers, window 96): measured ~1 ms of CPU per bar (about 1,000-2,000 bars/s, so 1M bars take 10-15 min,
-not under a minute), plus one compile of the feature graph per series length (~10-20 s). At the seed's size
-(~1 GFLOP per bar) use a GPU.
+Expected runtime on 2 CPU cores: the model dominates, ~21 MFLOP per bar at the quick size (d_model 64,
+2 layers, window 96): ~4,500 bars/s on a quiet 2-core Intel Xeon, ~3,000 on one core (experiments/bench_infer.py),
+so 1M bars take ~4 min, plus one compile of the feature graph per series length (~5-20 s). At the seed's size
+(~1 GFLOP per bar) use a GPU, or --config.dtype=bfloat16 on a CPU with AMX.
 """
 import ml_collections
 
