@@ -18,7 +18,7 @@ PPO trains on the bars the bundle's fine-tuning never saw labels of (finetune.rl
 pipeline: out-of-sample observations); with a bundle fine-tuned on the whole training span it warns.
 Data and split settings come from the bundle (config.data_from='bundle').
 Expected result (configs/pipeline.py:quick, measured December 2026): on the synthetic market's test span
-(2,856 bars) PPO returned +55.7% [95% CI +26.8, +86.9] net of costs vs the supervised signal +57.5%, the
+(2,856 bars) PPO returned +54.7% [95% CI +26.4, +86.8] net of costs vs the supervised signal +57.5%, the
 momentum rule +58.1%, the linear signal +52.4%, always-flat 0%, buy-and-hold -6.8%: "no evidence of skill over
 momentum"; numbers in workdir/rl/metrics.json and workdir/rl/test/{table.md, metrics.json}.
 """
