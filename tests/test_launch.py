@@ -50,14 +50,7 @@ def test_unknown_phase_is_rejected(tmp_path):
 
 def test_sweep_runs_every_override_and_writes_a_table(tmp_path):
   config_file = tmp_path / 'sweep_config.py'
-  config_file.write_text(
-      'from configs import base\n'
-      'def get_config(arg=None):\n'
-      '  config = base.get_base_config()\n'
-      '  config.phase = "report"\n'
-      '  return config\n'
-      'def sweep():\n'
-      '  return [{"seed": 1}, {"seed": 2, "backtest.cost_bps": 3.0}]\n')
+  config_file.write_text(SWEEP_CONFIG)
   proc = launch(f'--config={config_file}', f'--workdir={tmp_path / "sw"}', '--sweep')
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads((tmp_path / 'sw' / 'sweep.json').read_text())
