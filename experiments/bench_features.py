@@ -41,7 +41,7 @@ _PARSER.add_argument('--skip', default='',
 ARGS = _PARSER.parse_args()
 if ARGS.one_thread:
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1').strip()
+                             ' --xla_cpu_multi_thread_eigen=false').strip()
   os.environ.setdefault('OMP_NUM_THREADS', '1')
   if hasattr(os, 'sched_setaffinity'):
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})

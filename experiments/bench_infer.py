@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'experiments'))
 
-from machine import cpu_flags, cpu_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+from machine import cpu_flags, cpu_model, run_pinned  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _best_and_median(samples):
@@ -137,15 +136,8 @@ def measure(payload: dict) -> dict:
 
 
 def run_child(cores: int, payload: dict) -> dict:
-  cpus = ','.join(str(i) for i in range(cores))
-  flags = f'--xla_cpu_multi_thread_eigen={"true" if cores > 1 else "false"} intra_op_parallelism_threads={cores}'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags,
-             PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH', '')) if p))
-  cmd = ['taskset', '-c', cpus, sys.executable, __file__, '--child', json.dumps(payload)]
-  done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-  if done.returncode:
-    return {'cores': cores, 'error': done.stderr[-3000:]}
-  return dict(json.loads(done.stdout.strip().splitlines()[-1]), cores=cores)
+  result, error = run_pinned(__file__, cores, payload)
+  return {'cores': cores, 'error': error} if result is None else dict(result, cores=cores)
 
 
 def main():

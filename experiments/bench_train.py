@@ -70,6 +70,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+from machine import run_pinned  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SCALES = {
     'seed': dict(d_model=256, num_heads=8, num_layers=6, d_ff=1024, head_hidden=128),
@@ -361,16 +363,8 @@ def measure_separate(scale: str, variant: str, steps: int, latency_calls: int, t
 
 
 def run_child(cores: int, payload: dict) -> dict:
-  cpus = ','.join(str(i) for i in range(cores))
-  flags = f'--xla_cpu_multi_thread_eigen={"true" if cores > 1 else "false"} intra_op_parallelism_threads={cores}'
-  pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get('PYTHONPATH', '')) if p)
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags, PYTHONPATH=pythonpath,
-             OMP_NUM_THREADS=str(cores))
-  cmd = ['taskset', '-c', cpus, sys.executable, __file__, '--child', json.dumps(dict(payload, threads=cores))]
-  out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-  if out.returncode:
-    return dict(payload, cores=cores, error=out.stderr[-3000:])
-  return dict(json.loads(out.stdout.strip().splitlines()[-1]), cores=cores)
+  result, error = run_pinned(__file__, cores, dict(payload, threads=cores))
+  return dict(payload, cores=cores, error=error) if result is None else dict(result, cores=cores)
 
 
 def child(payload: dict) -> dict:

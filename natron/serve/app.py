@@ -75,7 +75,7 @@ the same app on config.ws_port as well (the seed's standalone `ws://localhost:87
 second socket: `ws://HOST:8765/` or `/ws`), then serves while the model loads (Start-up).
 
 Modules: guard.py (settings, Guard, API key), batcher.py (MicroBatcher), service.py (Service: validation,
-prediction, replies), ws.py (WsSession, WsSettings, ConnectionSlots), app.py (routers, dependencies, start-up,
+prediction, replies), ws.py (WsSession, ConnectionSlots), app.py (routers, dependencies, start-up,
 server, run_phase; re-exports the names tests import).
 """
 from __future__ import annotations
@@ -84,7 +84,6 @@ import contextlib
 import functools
 import logging as logging_std
 import os
-import secrets
 import socket
 import threading
 import time
@@ -105,7 +104,7 @@ from natron.serve.guard import (API_KEY_ENV, BODY_OVERHEAD, BYTES_PER_CANDLE, Gu
                                 redact, resolve_api_key)
 from natron.serve.schemas import InvalidRequest
 from natron.serve.service import Service, check_grid, elapsed_ms
-from natron.serve.ws import ConnectionSlots, WsSession, WsSettings, session_bytes_bound
+from natron.serve.ws import ConnectionSlots, WsSession, session_bytes_bound
 
 STARTING_RETRY_AFTER_S = 5     # Retry-After while the model loads
 CONNECTIONS_RETRY_AFTER_S = 5  # the wait a connection over max_connections is told (its close reason)
@@ -205,10 +204,6 @@ def _service_of(connection: HTTPConnection) -> Service:
   return override() if override is not None else get_service(connection)
 
 
-def _authorised(settings: ServeSettings, supplied: Optional[str]) -> bool:
-  return secrets.compare_digest((supplied or '').encode(), settings.api_key.encode())
-
-
 _API_KEY_HEADER = APIKeyHeader(name='X-API-Key', auto_error=False,
                                description='The server\'s API key (when it is configured with one).')
 _BEARER = HTTPBearer(auto_error=False, description='Alternatively: Authorization: Bearer <API key>.')
@@ -223,7 +218,7 @@ async def require_key(request: Request, key: Optional[str] = Security(_API_KEY_H
   supplied = key if key is not None else (bearer.credentials if bearer is not None else None)
   if supplied is None:
     raise HttpError(401, 'auth', 'API key required: send the X-API-Key header or Authorization: Bearer <key>.')
-  if not _authorised(settings, supplied):
+  if not settings.authorised(supplied):
     raise HttpError(403, 'auth', 'API key rejected.')
 
 
@@ -236,7 +231,7 @@ async def require_ws_key(websocket: WebSocket) -> None:
   auth = websocket.headers.get('authorization', '')
   if supplied is None and auth.lower().startswith('bearer '):
     supplied = auth[7:].strip()
-  if not _authorised(settings, supplied):
+  if not settings.authorised(supplied):
     raise WebSocketException(code=1008, reason='API key missing or wrong')
 
 
@@ -323,7 +318,7 @@ async def websocket_endpoint(websocket: WebSocket, _: None = Depends(require_ws_
     return
   try:   # every way out releases the slot: close, reset, a failed send, cancellation at shutdown
     await websocket.accept()
-    session = WsSession(functools.partial(_service_of, websocket), websocket.app.state.ws_settings)
+    session = WsSession(functools.partial(_service_of, websocket), websocket.app.state.settings)
     while True:
       message = await websocket.receive()
       if message['type'] == 'websocket.disconnect':
@@ -383,13 +378,12 @@ def _is_loader(obj) -> bool:
 
 
 def create_app(predictor, serve_config: Optional[Mapping[str, Any]] = None) -> FastAPI:
-  """The FastAPI app serving `predictor` with the limits and key of `serve_config` (ServeSettings, WsSettings).
+  """The FastAPI app serving `predictor` with the limits and key of `serve_config` (ServeSettings).
 
   predictor: a ready Predictor, or a zero-argument loader returning one, run in a thread once the server
   starts (module docstring, Start-up).
   """
   settings = ServeSettings.from_config(serve_config)
-  ws_settings = WsSettings.from_config(serve_config)
   loader = predictor if _is_loader(predictor) else None
   # With an API key, the schema and docs pages are not served either (they would be unauthenticated routes).
   public_docs = not settings.api_key
@@ -400,9 +394,8 @@ def create_app(predictor, serve_config: Optional[Mapping[str, Any]] = None) -> F
                 exception_handlers={InvalidRequest: _invalid, HttpError: _http_error,
                                     RequestValidationError: _request_validation})
   app.state.settings = settings
-  app.state.ws_settings = ws_settings
   app.state.body_limits = settings.body_limits()
-  app.state.ws_slots = ConnectionSlots(ws_settings.max_connections)
+  app.state.ws_slots = ConnectionSlots(settings.max_connections)
   app.state.startup = Startup(loader)
   app.state.service = None if loader else Service(predictor, settings)
   app.add_middleware(Guard, settings=settings)

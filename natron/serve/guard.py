@@ -15,6 +15,7 @@ import logging as logging_std
 import math
 import os
 import re
+import secrets
 import stat
 import time
 from typing import Any, Mapping, Optional
@@ -43,9 +44,15 @@ class ServeSettings:
   request_timeout_ms: float = 1500.0  # deadline of /predict and WebSocket requests (the EA gives up at 2 s)
   batch_timeout_ms: float = 30_000.0  # deadline of a /batch_predict request
   max_queue: int = 1024           # windows (series bars) waiting for the model; more -> 503 at once
+  max_connections: int = 256      # open WebSocket connections per server (both sockets); more: closed with 1013
+  max_gap_hours: float = 96.0     # longest closed-market gap a WebSocket `bar` may follow its predecessor by
   # Host header names and WebSocket/browser Origin hosts accepted (any port); '*' accepts any.
   allowed_hosts: str = 'localhost,127.0.0.1,[::1]'
   allowed_origins: str = 'localhost,127.0.0.1,[::1]'
+
+  def authorised(self, supplied: Optional[str]) -> bool:
+    """Whether `supplied` is the API key (constant-time comparison; any key when none is configured)."""
+    return secrets.compare_digest((supplied or '').encode(), self.api_key.encode())
 
   def batch_candles(self) -> int:
     """The most candles one valid /batch_predict request carries (a series, or max_batch windows)."""
@@ -79,12 +86,14 @@ class ServeSettings:
     out = cls(**values)
     for name in ('max_candles', 'max_batch', 'max_series', 'max_symbols', 'max_body_bytes',
                  'predict_body_bytes', 'batch_body_bytes', 'max_batch_candles', 'max_inflight_body_bytes',
-                 'max_queue'):
+                 'max_queue', 'max_connections'):
       if getattr(out, name) < (0 if name.endswith('body_bytes') and name.startswith(('predict', 'batch')) else 1):
         raise UserError(f'serve config: {name} must be >= 1, got {getattr(out, name)}.')
     for name in ('request_timeout_ms', 'batch_timeout_ms'):
       if not 0 < getattr(out, name) <= 600_000:
         raise UserError(f'serve config: {name} must be in (0, 600000] ms, got {getattr(out, name)}.')
+    if not out.max_gap_hours > 0:
+      raise UserError(f'serve config: max_gap_hours must be > 0, got {out.max_gap_hours}.')
     if out.max_series > out.max_batch_candles:
       raise UserError(f'serve config: max_series {out.max_series} is above max_batch_candles {out.max_batch_candles}'
                       f' (the candles of one /batch_predict request): raise max_batch_candles or lower max_series.')

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import secrets
 import time
 from typing import Any, Mapping, Optional
 
@@ -184,10 +183,6 @@ class Service:
     elif state['busy_s'] > STALLED_S:
       reply.update(status='failed', reason=f'one model call has been running for {state["busy_s"]:.0f} s')
     return reply
-
-  def authorised(self, supplied: Optional[str]) -> bool:
-    return secrets.compare_digest((supplied or '').encode(), self.settings.api_key.encode())
-
 
 DECODE_INLINE_BYTES = 2 << 20   # smaller bodies and messages (all /predict ones) are decoded on the event loop
                                 # (a few ms); larger ones on the parse thread

@@ -9,38 +9,18 @@ import dataclasses
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from absl import logging
 import numpy as np
 
-from natron.errors import UserError
 from natron.serve import schemas
 from natron.serve.guard import HttpError
+from natron.serve.guard import ServeSettings
 from natron.serve.schemas import InvalidRequest
 from natron.serve.service import Service, check_grid, elapsed_ms
 
 _NS = 10**9
-
-
-@dataclasses.dataclass(frozen=True)
-class WsSettings:
-  """The WebSocket knobs (configs/serve.py keys of the same names)."""
-  max_connections: int = 256     # open WebSocket connections per server (both sockets); more: HTTP 503
-  max_gap_hours: float = 96.0    # longest closed-market gap a `bar` may follow its predecessor by
-
-  @classmethod
-  def from_config(cls, config: Optional[Mapping[str, Any]]) -> 'WsSettings':
-    if config is None or not hasattr(config, 'get'):   # None, or a ServeSettings: the defaults
-      return cls()
-    values = {f.name: type(f.default)(config.get(f.name)) for f in dataclasses.fields(cls)
-              if config.get(f.name) is not None}
-    out = cls(**values)
-    if out.max_connections < 1:
-      raise UserError(f'serve config: max_connections must be >= 1, got {out.max_connections}.')
-    if not out.max_gap_hours > 0:
-      raise UserError(f'serve config: max_gap_hours must be > 0, got {out.max_gap_hours}.')
-    return out
 
 
 class ConnectionSlots:
@@ -147,7 +127,7 @@ class WsSession:
   """
   COMMANDS = ('ping', 'model_info', 'predict', 'subscribe', 'bar', 'unsubscribe')
 
-  def __init__(self, service: Union[Service, Callable[[], Service]], settings: WsSettings = WsSettings()):
+  def __init__(self, service: Union[Service, Callable[[], Service]], settings: ServeSettings = ServeSettings()):
     # A callable (app.py) is asked for the Service at every command: it raises HttpError 'starting' until
     # the model is loaded, so a connection opened during start-up works once it is.
     self._service = service if callable(service) else (lambda: service)
