@@ -61,7 +61,8 @@ def section(quick: bool = False) -> ml_collections.ConfigDict:
   # (AUTO_MIN_ENV_STEPS: shorter runs finish sooner without the workers' start-up); otherwise, and on a GPU,
   # this process (jax.vmap over seeds). An integer N: N CPU
   # worker processes (0: this process). With workers a seed's numbers do not depend on N; one agent does not
-  # go faster on more cores, so set num_seeds to a multiple of the cores to use them all.
+  # go faster on more cores, so set num_seeds to a multiple of the cores to use them all. Multi-host
+  # (config.distributed): process p of P trains seeds p, p+P, ... and this setting applies to its share.
   rl.workers = 'auto'
   # --- Loop, checkpoints, evaluation.
   rl.log_every = 10               # updates between train_metrics.jsonl lines (and progress lines in this

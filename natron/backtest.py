@@ -637,6 +637,18 @@ def evidence_table(found: dict) -> str:
   return '\n'.join(lines)
 
 
+def results_table(results: dict[str, Result], *, cost: CostModel | None = None,
+                  evidence_: dict | None = None) -> str:
+  """The text of table.md (`save_results`): metrics, then the evidence table and the cost line when given."""
+  table = metrics_table(results)
+  if evidence_:
+    table += '\n\n' + evidence_table(evidence_)
+  if cost is not None:
+    described = cost.describe()
+    table += f'\n\nCosts ({described["symbol"]}): {cost_text(described)}.'
+  return table
+
+
 def save_results(results: dict[str, Result], directory: str, *, time=None, title='Test span, net of costs',
                  cost: CostModel | None = None, evidence_: dict | None = None):
   """Writes metrics.json, table.md and equity.png for a set of policies into `directory`.
@@ -652,11 +664,7 @@ def save_results(results: dict[str, Result], directory: str, *, time=None, title
     json.dump({k: {**v.metrics, **((evidence_ or {}).get(k) or {}),
                    **({'cost_model': described} if described else {})} for k, v in results.items()},
               f, indent=2)
-  table = metrics_table(results)
-  if evidence_:
-    table += '\n\n' + evidence_table(evidence_)
-  if described:
-    table += f'\n\nCosts ({described["symbol"]}): {cost_text(described)}.'
+  table = results_table(results, cost=cost, evidence_=evidence_)
   with open(os.path.join(directory, 'table.md'), 'w') as f:
     f.write(table + '\n')
   plot_equity(results, os.path.join(directory, 'equity.png'), time=time, title=title)
@@ -722,6 +730,9 @@ def run_phase(config, workdir: str) -> dict:
   with fewer than 2 test bars (its data ends before the common test split) is skipped and named in
   settings.json. Writes workdir/backtest/<symbol>/{metrics.json, table.md, equity.png} and
   backtest/settings.json (with the cost model of every symbol).
+
+  Multi-host (jax.distributed): every process computes the same tables from the same files (so a user error
+  stops every process alike and each returns the same summary); process 0 alone writes.
   """
   from absl import logging  # pylint: disable=g-import-not-at-top
   from natron import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -729,6 +740,8 @@ def run_phase(config, workdir: str) -> dict:
   from natron.predictor import Predictor  # pylint: disable=g-import-not-at-top
 
   from natron import bundle_settings  # pylint: disable=g-import-not-at-top
+  from natron.train import state as train_state  # pylint: disable=g-import-not-at-top
+  main = train_state.is_main_process()
   # Data, labels and splits as the fine-tuning run recorded them in its bundle.
   config = bundle_settings.resolve(config, workdir, 'backtest')
   bt = config.backtest
@@ -742,7 +755,8 @@ def run_phase(config, workdir: str) -> dict:
                                        spread_sources=frame.attrs.get('spread_sources'))
   predictor = Predictor.load(workdir, buckets=(1,), threshold=float(bt.threshold))
   out_dir = os.path.join(workdir, 'backtest')
-  os.makedirs(out_dir, exist_ok=True)
+  if main:
+    os.makedirs(out_dir, exist_ok=True)
   trading_day = str(bt.get('trading_day', None) or TRADING_DAY)
   summary, spans, used, skipped = {}, [], {}, {}
   for b in ds.bounds:
@@ -765,16 +779,18 @@ def run_phase(config, workdir: str) -> dict:
             else f'rows {rows[0]}..{rows[-1]}')
     spans.append(f'{sym}: {span} ({len(rows)} bars)')
     used[str(sym)] = cost.describe()
-    table = save_results(results, os.path.join(out_dir, str(sym)), time=kw['time'],
-                         title=f'{sym} test span {span}, net of costs', cost=cost, evidence_=found)
+    table = (save_results(results, os.path.join(out_dir, str(sym)), time=kw['time'],
+                          title=f'{sym} test span {span}, net of costs', cost=cost, evidence_=found) if main
+             else results_table(results, cost=cost, evidence_=found))
     logging.info('backtest %s (%s):\n%s', sym, span, table)
     summary[str(sym)] = {name: {**{k: res.metrics[k] for k in ('total_return', 'sharpe', 'max_drawdown',
                                                                  'num_trades')},
                                 'verdict': found[name]['verdict']} for name, res in results.items()}
   if not summary:
     raise UserError(f'backtest: no symbol has a test span of 2 bars or more ({skipped}); use more data.')
-  with open(os.path.join(out_dir, 'settings.json'), 'w') as f:
-    json.dump({'cost_bps': float(bt.cost_bps), 'periods_per_year': float(bt.periods_per_year),
-               'trading_day': trading_day, 'threshold': float(bt.threshold), 'span': '; '.join(spans),
-               'costs': used, 'skipped': skipped}, f, indent=2)
+  if main:
+    with open(os.path.join(out_dir, 'settings.json'), 'w') as f:
+      json.dump({'cost_bps': float(bt.cost_bps), 'periods_per_year': float(bt.periods_per_year),
+                 'trading_day': trading_day, 'threshold': float(bt.threshold), 'span': '; '.join(spans),
+                 'costs': used, 'skipped': skipped}, f, indent=2)
   return summary

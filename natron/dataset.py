@@ -705,18 +705,23 @@ def synthetic_true_regime(frame: pd.DataFrame, data_config) -> np.ndarray | None
 
 
 def run_phase(config, workdir: str) -> dict:
-  """Builds the dataset of config.data and writes workdir/dataset/summary.json and summary.md."""
+  """Builds the dataset of config.data and writes workdir/dataset/summary.json and summary.md.
+
+  Multi-host (jax.distributed): every process builds the same summary; process 0 alone writes.
+  """
   from natron import data as data_lib  # pylint: disable=g-import-not-at-top
+  from natron.train import state as train_state  # pylint: disable=g-import-not-at-top
   frame = data_lib.load_market(config.data)
   dataset = build_dataset(frame, config, true_regime=synthetic_true_regime(frame, config.data))
   summary = dataset.summary()
   out = os.path.join(workdir, 'dataset')
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2, default=str)
   markdown = summary_markdown(summary)
-  with open(os.path.join(out, 'summary.md'), 'w') as f:
-    f.write(markdown)
+  if train_state.is_main_process():
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2, default=str)
+    with open(os.path.join(out, 'summary.md'), 'w') as f:
+      f.write(markdown)
   logging.info('dataset summary (%s):\n%s', out, markdown)
   result = {f'{s}_windows': v['windows'] for s, v in summary['splits'].items()}
   for split, v in (summary.get('regime_agreement') or {}).items():

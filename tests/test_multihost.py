@@ -1,6 +1,7 @@
 """Multi-host training for real: two processes joined by jax.distributed on one machine (a local coordinator,
 gloo CPU collectives over loopback) train pretrain + finetune and reach the metrics of one process with the
-same global batch; only process 0 writes files.
+same global batch; then run features, rl (the seeds spread over the processes), backtest and inspect on copies
+of the trained workdir and give the one-process PPO agents bit for bit; only process 0 writes files.
 
 Each process is `launch.py` with --config.distributed=True and an explicit config.cluster (the command a cluster
 runs on every host, with the coordinator given instead of detected), 1 CPU device each, so the 2-process mesh
@@ -8,10 +9,12 @@ has 2 devices and every global batch of 32 windows is two host shards of 16. The
 in one process (1 device, the whole batch of 32). Tiny sizes: 2,000 synthetic bars, window 16, one layer of
 d_model 16, pretrain 3 steps, finetune 2 epochs of ~20 steps (finetune initialised from that pretrain checkpoint,
 so the multi-host restore path runs too). ~80 CPU-seconds with a cold compilation cache (about a minute on an
-idle 2-core machine: the reference run, then the two processes side by side).
+idle 2-core machine: the reference run, then the two processes side by side). The later phases (`later_runs`)
+add ~45 s on 2 cores shared with another job (one process ~15 s, the two ~30 s: each starts a PPO worker).
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,7 +28,7 @@ from conftest import gamma32, model_path_terms
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = '''
-from configs import finetune, pretrain
+from configs import finetune, inspect, pretrain, rl
 
 def get_config(arg=None):
   config = finetune.get_config('quick')
@@ -41,6 +44,15 @@ def get_config(arg=None):
                          patience=0)
   config.baselines.linear_epochs = 1
   config.evaluation.bootstrap = 50
+  if arg == 'later':   # the phases after training, on a copy of the trained workdir (tiny PPO: 3 seeds)
+    config.phases = ('features', 'rl', 'backtest', 'inspect')
+    config.rl = rl.section(quick=True)
+    # One CPU worker per process: each seed runs alone in it, the same program whichever process trains it.
+    config.rl.update(num_seeds=3, workers='1', num_envs=8, num_steps=32, minibatch_size=128, update_epochs=1,
+                     total_timesteps=8 * 32 * 4, checkpoint_every=2, log_every=1, episode_length=32,
+                     random_seeds=2)
+    config.inspect = inspect.section()
+    config.inspect.update(num_windows=1, per_head=False)
   return config
 '''
 
@@ -83,24 +95,21 @@ def env():
   return out
 
 
-@pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-  """(single-process workdir, two-process workdir, [paths each process wrote])."""
-  tmp = tmp_path_factory.mktemp('multihost')
-  (tmp / 'tiny_config.py').write_text(CONFIG)
-  (tmp / 'worker.py').write_text(WORKER)
-  # The config imports configs.*: run from the repository root with it on the path.
-  common = [f'--config={tmp / "tiny_config.py"}']
-  single = tmp / 'single'
-  proc = subprocess.run([sys.executable, str(tmp / 'worker.py'), str(tmp / 'writes_single.json'), str(single),
-                         *common, f'--workdir={single}'], cwd=ROOT, env=env(), capture_output=True, text=True,
+def run_one_process(tmp, workdir, *args, record='writes_single.json'):
+  """launch.py in one process (the reference) into `workdir`; returns the paths it wrote there."""
+  proc = subprocess.run([sys.executable, str(tmp / 'worker.py'), str(tmp / record), str(workdir), *args,
+                         f'--workdir={workdir}'], cwd=ROOT, env=env(), capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  multi = tmp / 'multi'
+  return json.loads((tmp / record).read_text())
+
+
+def run_two_processes(tmp, workdir, *args, tag=''):
+  """The same command as two jax.distributed processes into `workdir`; returns ([paths each wrote], [stderr])."""
   port = free_port()
   procs = [subprocess.Popen(
-      [sys.executable, str(tmp / 'worker.py'), str(tmp / f'writes_{i}.json'), str(multi), *common,
-       f'--workdir={multi}', '--config.distributed=True',
+      [sys.executable, str(tmp / 'worker.py'), str(tmp / f'writes{tag}_{i}.json'), str(workdir), *args,
+       f'--workdir={workdir}', '--config.distributed=True',
        f'--config.cluster.coordinator_address=127.0.0.1:{port}', '--config.cluster.num_processes=2',
        f'--config.cluster.process_id={i}'],
       cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -115,7 +124,21 @@ def runs(tmp_path_factory):
   for i, (p, (_, err)) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f'process {i}:\n{err[-4000:]}'
   assert 'process 1 of 2' in outs[1][1]
-  writes = [json.loads((tmp / f'writes_{i}.json').read_text()) for i in range(2)]
+  return [json.loads((tmp / f'writes{tag}_{i}.json').read_text()) for i in range(2)], [err for _, err in outs]
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """(single-process workdir, two-process workdir, [paths each process wrote])."""
+  tmp = tmp_path_factory.mktemp('multihost')
+  (tmp / 'tiny_config.py').write_text(CONFIG)
+  (tmp / 'worker.py').write_text(WORKER)
+  # The config imports configs.*: run from the repository root with it on the path.
+  common = [f'--config={tmp / "tiny_config.py"}']
+  single = tmp / 'single'
+  run_one_process(tmp, single, *common)
+  multi = tmp / 'multi'
+  writes, _ = run_two_processes(tmp, multi, *common)
   return single, multi, writes
 
 
@@ -188,3 +211,88 @@ def test_only_process_zero_writes_and_the_outputs_match_one_process(runs):
   assert fa.keys() == fb.keys()
   for key in fa:
     np.testing.assert_allclose(fb[key], fa[key], rtol=loss_rtol(), atol=1e-5, err_msg=key)
+
+
+# ==================================================================================== after training
+# features, rl, backtest and inspect on two copies of the one-process trained workdir (the same bundle, so the
+# same embeddings: any difference would come from the phases themselves). rl trains 3 seeds x 4 PPO updates in
+# chunks of 2 (two checkpoints): process 0 trains seeds 0 and 2, process 1 seed 1 (uneven shares: the gather
+# pads), each in one CPU worker (rl.workers=1) where every seed runs alone, so a seed's numbers cannot depend on
+# which process trained it: the test asks for bit-identical agents, not a float32 bound. (Trained in-process,
+# jax.vmap over seeds, a process vmaps over its share, not all seeds, and XLA may round a different vmap width
+# differently: the same tiny run differed in the last bits from update 12 on; see README.)
+@pytest.fixture(scope='module')
+def later_runs(runs):
+  """(one-process workdir, two-process workdir, [paths each process wrote], [stderr of each process])."""
+  trained = runs[0]
+  tmp = trained.parent
+  args = [f'--config={tmp / "tiny_config.py"}:later']
+  one, two = tmp / 'later_single', tmp / 'later_multi'
+  for workdir in (one, two):
+    shutil.copytree(trained, workdir)
+  run_one_process(tmp, one, *args, record='writes_later_single.json')
+  writes, errs = run_two_processes(tmp, two, *args, tag='_later')
+  return one, two, writes, errs
+
+
+TIMING = ('train_seconds', 'env_steps_per_s')   # wall-clock figures in rl/metrics.json
+
+
+@pytest.mark.timeout(900)
+def test_two_processes_train_the_rl_seeds_of_one_bit_for_bit(later_runs):
+  one, two, _, errs = later_runs
+  assert 'process 0 of 2 trains seeds [0, 2]' in errs[0] and 'process 1 of 2 trains seeds [1]' in errs[1]
+  ra, rb = (json.loads((w / 'rl' / 'metrics.json').read_text()) for w in (one, two))
+  assert (ra.pop('processes'), rb.pop('processes')) == (1, 2) and ra['num_seeds'] == 3 and ra['num_updates'] == 4
+  assert {k: v for k, v in rb.items() if k not in TIMING} == {k: v for k, v in ra.items() if k not in TIMING}
+  assert (two / 'rl' / 'train_metrics.jsonl').read_text() == (one / 'rl' / 'train_metrics.jsonl').read_text()
+  from natron import checkpoint  # pylint: disable=g-import-not-at-top
+  # The checkpoint holds every seed's whole runner state (params, optimizer, env state, RNG), gathered from
+  # both processes: equal bit for bit, and the seeds are three different agents.
+  state_a, meta_a, step_a = checkpoint.restore_numpy(str(one / 'rl' / 'checkpoints'))
+  state_b, meta_b, step_b = checkpoint.restore_numpy(str(two / 'rl' / 'checkpoints'))
+  assert step_a == step_b == 4 and meta_a == meta_b
+  leaves_a, leaves_b = jax_leaves(state_a), jax_leaves(state_b)
+  assert len(leaves_a) == len(leaves_b) > 10
+  for x, y in zip(leaves_a, leaves_b):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(y, x)
+  kernels = [x for x in leaves_a if x.ndim == 3 and x.dtype == np.float32]   # [seed, in, out] weights
+  assert kernels and all(not np.array_equal(k[0], k[1]) and not np.array_equal(k[1], k[2]) for k in kernels)
+  params_a, policy_a = checkpoint.load_bundle(str(one / 'rl' / 'policy'))
+  params_b, policy_b = checkpoint.load_bundle(str(two / 'rl' / 'policy'))
+  # The policy's meta names the bundle it was trained on: the same finetune/bundle, in each workdir.
+  assert policy_a.pop('bundle') == str(one / 'finetune' / 'bundle')
+  assert policy_b.pop('bundle') == str(two / 'finetune' / 'bundle')
+  assert policy_b == policy_a
+  for x, y in zip(jax_leaves(params_a), jax_leaves(params_b)):
+    np.testing.assert_array_equal(y, x)
+  npz_a, npz_b = (np.load(w / 'rl' / 'policy_test.npz', allow_pickle=True) for w in (one, two))
+  for key in npz_a.files:
+    np.testing.assert_array_equal(npz_b[key], npz_a[key], err_msg=key)
+  for table in ('rl/test/metrics.json', 'backtest/SYNTH/metrics.json', 'backtest/settings.json'):
+    assert json.loads((two / table).read_text()) == json.loads((one / table).read_text()), table
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_after_training_only_process_zero_writes(later_runs):
+  one, two, (writes0, writes1), _ = later_runs
+  # Process 1 took part in the Orbax saves of the rl checkpoints and policy (every process must) and wrote no
+  # file of ours.
+  ours = [p for p in writes1 if '/rl/checkpoints' not in p and '/rl/policy/params' not in p]
+  assert ours == [], ours
+  for path in ('features/features_summary.json', 'rl/metrics.json', 'rl/train_metrics.jsonl',
+               'backtest/settings.json', 'inspect/index.json', 'inspect/confusion_buy.png'):
+    assert str(two / path) in writes0, path
+  files = lambda root: sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root)
+                              for f in fs if not any(s in d for s in ('tensorboard', '/checkpoints', '/params')))
+  assert files(two) == files(one)
+  ia, ib = (json.loads((w / 'inspect' / 'index.json').read_text()) for w in (one, two))
+  assert (ib['files'], ib['windows'], ib['test']) == (ia['files'], ia['windows'], ia['test'])
+  fa, fb = (np.load(w / 'features' / 'features.npz') for w in (one, two))
+  for key in fa.files:
+    np.testing.assert_array_equal(fb[key], fa[key], err_msg=key)

@@ -5,6 +5,9 @@ Writes into `workdir/features/`:
   each symbol are NaN), names str [F], time datetime64[ns] (UTC) [rows], symbol str [rows];
 - `features_summary.json`: F, counts per category, WARMUP, schema hash, rows / NaN-free rows per symbol,
   compute time (the first symbol's includes the jit compile), per-feature mean / std / min / max.
+
+Multi-host (jax.distributed): every process computes the same matrix (so bad bars stop every process alike
+and each returns the same summary); process 0 alone writes.
 """
 from __future__ import annotations
 
@@ -38,9 +41,12 @@ def feature_stats(x: np.ndarray, names) -> dict:
 def run_phase(config, workdir: str) -> dict:
   """Computes the features of `load_market(config.data)` per symbol into workdir/features/; returns the summary."""
   from natron.data import load_market  # pylint: disable=g-import-not-at-top
+  from natron.train import state as train_state  # pylint: disable=g-import-not-at-top
   opts = _options(config)
   out_dir = os.path.join(workdir, 'features')
-  os.makedirs(out_dir, exist_ok=True)
+  write = train_state.is_main_process()   # multi-host: process 0 alone writes
+  if write:
+    os.makedirs(out_dir, exist_ok=True)
   market = load_market(config.data)
   blocks, times, symbols, per_symbol = [], [], [], {}
   total_seconds = 0.0
@@ -75,11 +81,13 @@ def run_phase(config, workdir: str) -> dict:
       symbols=per_symbol)
   if opts['save_matrix']:
     path = os.path.join(out_dir, 'features.npz')
-    np.savez(path, features=x, names=np.array(F.FEATURE_NAMES), time=np.concatenate(times),
-             symbol=np.concatenate(symbols))
+    if write:
+      np.savez(path, features=x, names=np.array(F.FEATURE_NAMES), time=np.concatenate(times),
+               symbol=np.concatenate(symbols))
     summary['path'] = path
-  with open(os.path.join(out_dir, 'features_summary.json'), 'w') as f:
-    json.dump(dict(summary, feature_stats=feature_stats(x, F.FEATURE_NAMES)), f, indent=2)
+  if write:
+    with open(os.path.join(out_dir, 'features_summary.json'), 'w') as f:
+      json.dump(dict(summary, feature_stats=feature_stats(x, F.FEATURE_NAMES)), f, indent=2)
   logging.info('features: %d rows x %d features (%s), WARMUP %d, %d NaN-free rows, %.2f s',
                summary['rows'], F.NUM_FEATURES,
                ', '.join(f'{k} {v}' for k, v in F.CATEGORY_COUNTS.items()), F.WARMUP, summary['nan_free_rows'],

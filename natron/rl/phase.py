@@ -7,11 +7,23 @@ Stages:
    splits every phase uses). One symbol is traded (`rl.symbol`, default the first).
 2. Market rows: the bundle's `Predictor.predict_series` embeds every bar once (pooled encoder output, plus the
    heads' probabilities when `rl.use_head_probs`); rows are standardised with mean/std of the TRAINING span.
+   Multi-host: every process embeds the series itself (the same bundle, program and bars: the same rows on
+   identical hosts, which multi-host training assumes anyway; nothing to broadcast).
 3. PPO (`natron.rl.ppo`): `rl.num_seeds` agents, in jitted chunks of `rl.checkpoint_every` updates; on CPU in
    worker processes, one per core (`rl.workers`, natron.rl.workers: cores scale across agents, not inside
    one), on a GPU in this process (`jax.vmap` over seeds); after each chunk an Orbax checkpoint in
    workdir/rl/checkpoints (a rerun resumes from the latest one; a finished run is not retrained). The
-   progress log and metrics.json (`env_steps_per_s`, `workers`) state the training speed.
+   progress log and metrics.json (`env_steps_per_s`, `workers`, `processes`) state the training speed.
+   Multi-host (jax.distributed, P processes): the SEEDS are spread, process p training seeds p, p + P, ...
+   (`process_seeds`) with its own cores (its own workers, `rl.workers` resolved for its share) or
+   accelerator; after each chunk every seed's runner state and metrics are all-gathered (`_gather_seeds`, as
+   raw bytes), so every process holds the stacked runner of one process, every process takes part in the Orbax
+   save (the checkpoint holds all seeds: a run resumes on any number of processes) and process 0 alone appends
+   train_metrics.jsonl. With workers a seed's numbers are bit-identical to a one-process run (each seed runs
+   alone, tests/test_multihost.py); in this process (`jax.vmap` over a process's share of the seeds) XLA may
+   round a different vmap width differently: the same training with other float32 roundings, not bit for bit
+   (a tiny CPU run matched for 10 updates and differed in the last bits from update 12). A process with no
+   seed (num_seeds < P) trains nothing and waits at each gather (logged).
    Costs come from `natron.backtest.resolve_costs` (commission rl.cost_bps or backtest.cost_bps; the data's
    spread, else backtest.spread, else a UserError): the same spread in the environment's reward and in
    every evaluation, and stated (commission, spread source, mean spread) in metrics.json and the test table.
@@ -19,7 +31,9 @@ Stages:
    the seed; that policy is then run once on the test span and compared with always-flat, buy-and-hold, the
    supervised signal and random policies. Writes workdir/rl/policy_test.npz (position, close, time, symbol),
    workdir/rl/metrics.json, workdir/rl/test/{metrics.json, table.md, equity.png}, train_metrics.jsonl, and the
-   chosen policy as a bundle in workdir/rl/policy/ (params + observation statistics).
+   chosen policy as a bundle in workdir/rl/policy/ (params + observation statistics). Multi-host: every
+   process evaluates (the same gathered agents: the same seed choice and summary), process 0 alone writes;
+   every process calls the policy bundle's save (Orbax's multi-host save needs them all).
 """
 from __future__ import annotations
 
@@ -30,6 +44,7 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from natron import backtest
 from natron import bundle_settings
@@ -38,6 +53,7 @@ from natron.errors import UserError
 from natron.rl import env as env_lib
 from natron.rl import ppo
 from natron.rl import workers as rl_workers
+from natron.train import state as train_state
 
 HEAD_KEYS = ('buy_prob', 'sell_prob', 'direction_probs', 'regime_probs')
 
@@ -111,7 +127,9 @@ def run_phase(config, workdir: str) -> dict:
 
   rl = config.rl
   out_dir = os.path.join(workdir, 'rl')
-  os.makedirs(out_dir, exist_ok=True)
+  main = train_state.is_main_process()   # multi-host: every process computes, process 0 alone writes files
+  if main:
+    os.makedirs(out_dir, exist_ok=True)
 
   # --- 1. Data and splits --------------------------------------------------------------------------------
   # Data, labels and splits as the fine-tuning run recorded them in its bundle (natron.bundle_settings).
@@ -191,12 +209,16 @@ def run_phase(config, workdir: str) -> dict:
                                               trials=trials)
   random_returns = [backtest_span(backtest.random_policy(e - s, seed=int(config.seed) + k), test)
                     .metrics['total_return'] for k in range(int(rl.random_seeds))]
-  table = backtest.save_results(results, os.path.join(out_dir, 'test'), time=test_time,
-                                title=f'{symbol} test span, net of costs (PPO seed {best} chosen on validation)',
-                                cost=test_costs, evidence_=found)
-  np.savez(os.path.join(out_dir, 'policy_test.npz'), position=position, close=close[s:e], spread=spread[s:e],
-           time=np.asarray([]) if test_time is None else test_time, symbol=symbol, start_row=lo + s,
-           trials=int(rl.num_seeds))
+  title = f'{symbol} test span, net of costs (PPO seed {best} chosen on validation)'
+  if main:
+    table = backtest.save_results(results, os.path.join(out_dir, 'test'), time=test_time, title=title,
+                                  cost=test_costs, evidence_=found)
+    np.savez(os.path.join(out_dir, 'policy_test.npz'), position=position, close=close[s:e], spread=spread[s:e],
+             time=np.asarray([]) if test_time is None else test_time, symbol=symbol, start_row=lo + s,
+             trials=int(rl.num_seeds))
+  else:
+    table = backtest.results_table(results, cost=test_costs, evidence_=found)
+  # Every process calls save_bundle (Orbax's multi-host save needs them all); process 0 alone writes it.
   save_policy(os.path.join(out_dir, 'policy'), jax.tree.map(lambda x: np.asarray(x[best]), params), {
       'symbol': symbol, 'seed_index': best, 'obs_mean': obs_mean, 'obs_std': obs_std, 'obs_clip': 10.0,
       'use_head_probs': bool(rl.use_head_probs), 'num_features': int(rows.shape[1]),
@@ -237,8 +259,9 @@ def run_phase(config, workdir: str) -> dict:
       'cost_model': test_costs.describe(),
       **train_info,
   }
-  with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-    json.dump(summary, f, indent=2, default=float)
+  if main:
+    with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
+      json.dump(summary, f, indent=2, default=float)
   logging.info('rl: test span of %s, net of costs:\n%s', symbol, table)
   return {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
 
@@ -261,27 +284,41 @@ def train_agents(config, env, env_params, out_dir: str):
   threads; whole agents on separate cores do); on a GPU, in this process, `jax.vmap` over seeds. Either way
   the chunks, checkpoints, metrics lines and the returned runner are the same; with workers, a seed's numbers
   do not depend on how many workers there are (natron/rl/workers.py).
+
+  Multi-host (jax.distributed, P processes): process p trains seeds p, p + P, p + 2P, ... (`process_seeds`),
+  with its own cores or accelerator as above (`rl.workers` resolved for its share); after every chunk the
+  runner states and metrics of all seeds are gathered (`_gather_seeds`), so every process holds the same
+  stacked runner a single process would, takes part in the Orbax save (every process must) and returns it;
+  process 0 alone appends train_metrics.jsonl. A process left without a seed (num_seeds < P) trains nothing
+  and waits for the others at each gather. The checkpoint holds every seed, so a run resumes on any number of
+  processes.
   """
   rl = config.rl
   num_seeds = int(rl.num_seeds)
-  trainer = ppo.make_trainer(rl, env, env_params)
+  main = train_state.is_main_process()
+  mine = process_seeds(num_seeds, jax.process_count(), jax.process_index())
+  # The in-loop progress lines average this process's seeds (the default logger would wait for all of them).
+  sizes = ppo.make_trainer(rl, env, env_params, logger=False)
+  trainer = ppo.make_trainer(rl, env, env_params, logger=ppo.ProgressLogger(
+      num_updates=sizes.num_updates, steps_per_update=sizes.batch_size, num_seeds=max(len(mine), 1)))
   chunk = max(1, min(int(rl.checkpoint_every), trainer.num_updates))
   # Raw uint32 keys (not typed key arrays): the runner state goes through Orbax as plain arrays.
   keys = jax.random.split(jax.random.PRNGKey(int(config.seed)), num_seeds)
   init = jax.vmap(trainer.init, in_axes=(0, None))
   manager = checkpoint.make_manager(os.path.join(out_dir, 'checkpoints'), max_to_keep=1)
   fingerprint = _fingerprint(config, env)
-  # The restore target is abstract (eval_shape): a resumed run compiles no initialisation.
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  # The restore target is abstract (eval_shape): a resumed run compiles no initialisation. On this process's
+  # first device (multi-host: jax.devices()[0] belongs to process 0).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           jax.eval_shape(init, keys, env_params))
-  workers = rl_workers.resolve_workers(rl.get('workers', 'auto'), num_seeds, jax.default_backend(),
-                                       env_steps=num_seeds * trainer.num_updates * trainer.batch_size)
+  workers = rl_workers.resolve_workers(rl.get('workers', 'auto'), len(mine), jax.default_backend(),
+                                       env_steps=len(mine) * trainer.num_updates * trainer.batch_size)
   restored = checkpoint.restore_latest(manager, abstract)
   if restored is None:
     # With workers, the seeds are initialised one by one when the workers start (_ChunkRunner).
-    runner = None if workers else jax.jit(init)(keys, env_params)
-    done = 0
+    local = None if workers or not mine else jax.jit(init)(keys[np.asarray(mine, int)], env_params)
+    runner, done = None, 0
   else:
     saved_runner, meta = restored
     if meta.get('fingerprint') != json.loads(json.dumps(fingerprint)):
@@ -289,46 +326,97 @@ def train_agents(config, env, env_params, out_dir: str):
           f'{manager.directory} holds a PPO run with other settings ({meta.get("fingerprint")}); use a new '
           f'workdir or delete that folder to start afresh.')
     runner = saved_runner
+    local = runner if len(mine) == num_seeds else jax.tree.map(lambda x: x[np.asarray(mine, int)], runner)
     done = int(np.asarray(runner.update)[0])
     logging.info('rl: resuming from update %d of %d', done, trainer.num_updates)
   metrics_path = os.path.join(out_dir, 'train_metrics.jsonl')
   start = time.perf_counter()
   steps_run, run_seconds = 0, 0.0
-  with _ChunkRunner(rl, trainer, env, env_params, keys, runner, workers, abstract) as run_chunk:
+  with _ChunkRunner(rl, trainer, env, env_params, keys[np.asarray(mine, int)], local, workers,
+                    abstract) as run_chunk:
     if done < trainer.num_updates:
+      where = (f'{workers} worker process(es), one core each' if workers else
+               f'in this process ({jax.default_backend()}, jax.vmap over seeds)')
+      if jax.process_count() > 1:
+        where = (f'process {jax.process_index()} of {jax.process_count()} trains seeds {mine} {where}' if mine
+                 else f'process {jax.process_index()} of {jax.process_count()} has no seed to train '
+                      f'(rl.num_seeds={num_seeds} < {jax.process_count()} processes): it waits for the others')
       logging.info('rl: %d seeds x %d updates of %d env steps, %s', num_seeds, trainer.num_updates,
-                   trainer.batch_size, f'{workers} worker process(es), one core each' if workers else
-                   f'in this process ({jax.default_backend()}, jax.vmap over seeds)')
+                   trainer.batch_size, where)
     seen = set()
     while done < trainer.num_updates:
       n = min(chunk, trainer.num_updates - done)
       fresh = n not in seen   # the first call of each chunk size includes its compilation
       seen.add(n)
       t0 = time.perf_counter()
-      runner, metrics = run_chunk(n)
+      runner, metrics = _gather_seeds(*run_chunk(n), num_seeds)
       seconds = time.perf_counter() - t0
       if not fresh:
         steps_run += n * trainer.batch_size * num_seeds
         run_seconds += seconds
       _check_finite(metrics, done)
-      _append_metrics(metrics_path, metrics, done, int(rl.log_every))
+      if main:
+        _append_metrics(metrics_path, metrics, done, int(rl.log_every))
       done += n
-      checkpoint.save(manager, done, runner, {'fingerprint': fingerprint, 'update': done,
-                                             'num_updates': trainer.num_updates},
+      # Host values: in a multi-host save Orbax writes numpy leaves once, from process 0 (every process must
+      # call save; a process-local device array would be written by each of them).
+      checkpoint.save(manager, done, jax.device_get(runner), {'fingerprint': fingerprint, 'update': done,
+                                                             'num_updates': trainer.num_updates},
                       metrics={'episode_net_profit': float(np.nanmean(metrics['episode_net_profit'][:, -1]))})
   info = {'num_updates': trainer.num_updates, 'env_steps_per_seed': trainer.num_updates * trainer.batch_size,
           'num_seeds': num_seeds, 'train_seconds': round(time.perf_counter() - start, 1),
           'env_steps_per_s': round(steps_run / run_seconds) if run_seconds > 0 else None,
-          'workers': workers}
+          'workers': workers, 'processes': jax.process_count()}
   logging.info('rl: training done: %s', info)
   return runner, trainer, info
 
 
+def process_seeds(num_seeds: int, num_processes: int, process_index: int) -> list[int]:
+  """The seeds process `process_index` of `num_processes` trains: every num_processes-th, from its index.
+
+  Round-robin like the CPU workers within a process, so P processes and W workers each spread the seeds the
+  same way; empty when num_seeds <= process_index (that process only takes part in the gathers).
+  """
+  return list(range(process_index, num_seeds, num_processes))
+
+
+def _gather_seeds(runner, metrics: dict, num_seeds: int):
+  """(runner stacked over ALL seeds, metrics {name: [num_seeds, n]}) from every process's own seeds.
+
+  Single process: returned as they are. Multi-host: each process's share (`process_seeds`; leading axis its
+  own seeds, padded with zeros to the largest share) crosses as raw bytes in ONE all-gather per chunk (not one
+  collective per leaf), so the values arrive bit for bit; seed s is then entry s // P of process s % P. Every
+  process gets the whole runner on its first device and the whole metrics as numpy.
+  """
+  processes = jax.process_count()
+  if processes == 1:
+    return runner, metrics
+  share = -(-num_seeds // processes)
+
+  def pad(x):
+    x = np.ascontiguousarray(x)
+    return np.concatenate([x, np.zeros((share - len(x),) + x.shape[1:], x.dtype)]) if len(x) < share else x
+
+  leaves, treedef = jax.tree.flatten(jax.tree.map(pad, (runner, metrics)))
+  local = np.concatenate([x.view(np.uint8).ravel() for x in leaves])
+  rows = np.asarray(multihost_utils.process_allgather(local, tiled=False))   # [P, bytes]
+  seeds = np.arange(num_seeds)
+  out, offset = [], 0
+  for x in leaves:
+    per_process = np.stack([row[offset:offset + x.nbytes].view(x.dtype).reshape(x.shape) for row in rows])
+    out.append(per_process[seeds % processes, seeds // processes])
+    offset += x.nbytes
+  runner, metrics = jax.tree.unflatten(treedef, out)
+  return jax.device_put(runner, jax.local_devices()[0]), metrics
+
+
 class _ChunkRunner:
-  """Context manager giving `run_chunk(n) -> (runner stacked over seeds, metrics {name: [seeds, n]})`.
+  """Context manager giving `run_chunk(n) -> (runner stacked over seeds, metrics {name: [seeds, n]})` for the
+  seeds of `keys` (this process's seeds; in a single process all of them).
 
   workers == 0: one jitted `jax.vmap` over seeds in this process (its progress lines come from inside the
   loop). Otherwise `natron.rl.workers.SeedWorkers`, started on the first chunk; a progress line per chunk.
+  No seed (a multi-host process with none): empty arrays ([0, ...]) of the right structure, nothing computed.
   """
 
   def __init__(self, rl, trainer, env, env_params, keys, runner, workers: int, abstract):
@@ -345,7 +433,16 @@ class _ChunkRunner:
     if self.pool is not None:
       self.pool.close()
 
+  def _empty(self, n: int):
+    """Zero-seed runner and metrics with the structure and dtypes of a real chunk of n updates."""
+    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), self.abstract)
+    _, metrics = jax.eval_shape(lambda r, p: self.trainer.run(r, p, n), one, self.env_params)
+    empty = lambda x: np.zeros((0,) + tuple(x.shape), x.dtype)
+    return jax.tree.map(empty, one), jax.tree.map(empty, metrics)
+
   def __call__(self, n: int):
+    if not len(self.keys):
+      return self._empty(n)
     if not self.workers:
       if n not in self.compiled:
         self.compiled[n] = jax.jit(jax.vmap(lambda r, p, n=n: self.trainer.run(r, p, n), in_axes=(0, None)))

@@ -6,6 +6,9 @@ Loads the bundle at DIR/finetune/bundle (the model is rebuilt from the bundle's 
 the test split (from the bundle's data config by default) and checks its scaler equals the bundle's, so the
 pictures show exactly the inputs the model was evaluated on. Writes PNGs into DIR/inspect/ (matplotlib's Agg
 canvas through `Figure`, no pyplot global state) and index.json listing them with the chosen windows.
+
+Multi-host (jax.distributed): every process computes the predictions and the summary (the same on each, so a
+user error stops every process alike); process 0 alone draws and writes the files.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from natron import labels as labels_lib
 from natron.errors import UserError
 from natron.model import NatronModel
 from natron.train import evaluate
+from natron.train import state as train_state
 
 PHASE = 'inspect'
 TASKS = labels_lib.TASKS
@@ -138,8 +142,10 @@ def confusion_figure(cm: np.ndarray, names: Sequence[str], title: str) -> Figure
   return fig
 
 
-def _save(fig: Figure, path: str, dpi: int) -> str:
-  fig.savefig(path, dpi=dpi)
+def _save(make_figure, path: str, dpi: int, write: bool = True) -> str:
+  """Builds the figure (`make_figure()`) and writes it to `path` when `write` (process 0); returns `path`."""
+  if write:
+    make_figure().savefig(path, dpi=dpi)
   return path
 
 
@@ -177,7 +183,9 @@ def run_phase(config, workdir: str) -> dict:
   params, meta = checkpoint.load_bundle(bundle_dir)
   checkpoint.check_feature_schema(meta)
   out_dir = os.path.join(workdir, PHASE)
-  os.makedirs(out_dir, exist_ok=True)
+  write = train_state.is_main_process()   # multi-host: process 0 alone writes
+  if write:
+    os.makedirs(out_dir, exist_ok=True)
   dpi = int(_get(cfg, 'dpi', 100))
 
   # Data: the test split, exactly as the model saw it.
@@ -201,8 +209,9 @@ def run_phase(config, workdir: str) -> dict:
     m = metrics[task]
     title = (f'{task} (test, {m["n"]} windows): accuracy {m["accuracy"]:.3f}, '
              f'majority baseline {m["majority_baseline"]:.3f}, macro-F1 {m["macro_f1"]:.3f}')
-    files.append(_save(confusion_figure(np.asarray(m['confusion_matrix']), labels_lib.CLASS_NAMES[task], title),
-                       os.path.join(out_dir, f'confusion_{task}.png'), dpi))
+    files.append(_save(lambda: confusion_figure(np.asarray(m['confusion_matrix']), labels_lib.CLASS_NAMES[task],
+                                                title),
+                       os.path.join(out_dir, f'confusion_{task}.png'), dpi, write))
 
   # Attention heatmaps for the chosen test windows.
   chosen = choose_windows(len(test_ends), int(_get(cfg, 'num_windows', 3)), tuple(_get(cfg, 'window_index', ())))
@@ -225,18 +234,19 @@ def run_phase(config, workdir: str) -> dict:
     for layer in layers:
       w = np.asarray(attention[layer][k], np.float32)                      # [H, Q, K]
       title = f'window ending {when} ({ds.symbol[end]}), layer {layer}, heads averaged\npred/label: {desc}'
-      files.append(_save(attention_figure(w.mean(axis=0), close, title),
-                         os.path.join(out_dir, f'attention_w{k}_layer{layer}_mean.png'), dpi))
+      files.append(_save(lambda: attention_figure(w.mean(axis=0), close, title),
+                         os.path.join(out_dir, f'attention_w{k}_layer{layer}_mean.png'), dpi, write))
       if bool(_get(cfg, 'per_head', True)):
-        files.append(_save(heads_figure(w, f'window ending {when}, layer {layer}: attention per head'),
-                           os.path.join(out_dir, f'attention_w{k}_layer{layer}_heads.png'), dpi))
+        files.append(_save(lambda: heads_figure(w, f'window ending {when}, layer {layer}: attention per head'),
+                           os.path.join(out_dir, f'attention_w{k}_layer{layer}_heads.png'), dpi, write))
 
   index = {'bundle': os.path.abspath(bundle_dir), 'model_version': meta.get('model_version'),
            'windows': windows, 'files': [os.path.basename(f) for f in files],
            'test': {t: {k: metrics[t][k] for k in ('accuracy', 'macro_f1', 'majority_baseline')} for t in TASKS}}
-  with open(os.path.join(out_dir, 'index.json'), 'w') as f:
-    json.dump(index, f, indent=2)
-  logging.info('inspect: wrote %d PNGs to %s', len(files), out_dir)
+  if write:
+    with open(os.path.join(out_dir, 'index.json'), 'w') as f:
+      json.dump(index, f, indent=2)
+    logging.info('inspect: wrote %d PNGs to %s', len(files), out_dir)
   return {'pngs': len(files), 'windows': len(windows),
           **{f'test_{t}_accuracy': metrics[t]['accuracy'] for t in TASKS}}
 
