@@ -56,6 +56,13 @@ rounds, before = the previous model.py in an alternating process:
   (`--xla_cpu_experimental_onednn_custom_call`, `..._onednn_fusion_type`, `..._ynn_fusion_type` +ELTWISE /
   +REDUCE, `--xla_cpu_enable_fast_math`, `--xla_cpu_prefer_vector_width=512`) left the compiled step
   unchanged or were within the noise of alternating processes.
+Re-measured 2026-12-01 after the second round (natron.model: narrower-operand weight-gradient transposes,
+bias gradients from the rounded cotangent, stacked q/k/v cotangents, erf-form GELU, one-round dropout hash),
+same machine, interleaved, 5 rounds, load 0.9-1.7:
+  1 core: Natron bf16 58.4 samples/s vs torch bf16 54.4 (1.07x); f32 20.8 vs torch f32 28.4; batch-1
+    inference p50 Natron bf16 6.69 ms vs torch bf16 10.9 / f32 11.3 ms (1.64x).
+  2 cores: Natron bf16 103.3 vs torch bf16 72.9 (1.42x); f32 43.9 vs 46.4; inference p50 6.46 ms vs torch
+    f32 6.57 ms (1.02x).
 Without `keep_host_memory_mapped` (glibc defaults) a bf16 step at 1 core took 6.2 s instead of 3.3 s
 (~670k page faults per step: YNNPACK's and XLA's buffers above 32 MB are mmap'd afresh on every call).
 """

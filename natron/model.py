@@ -15,7 +15,8 @@ Precision: `dtype` is the input dtype of every dense and attention matmul ('floa
 and returns float32 (`mixed_dot_general`, forward and backward: the hardware's fast path, AMX / AVX512_BF16 on
 Intel CPUs, tensor cores on GPUs); parameters, gradients, the residual stream, LayerNorm statistics, softmax,
 GELU, dropout, logits and losses stay float32, so bfloat16 changes results only by the rounding of the dots'
-inputs. With 'float32' the dots are plain float32 `lax.dot_general`s.
+inputs (a layer's bias gradient sums the same rounded cotangent its weight gradient multiplies, `_add_bias`).
+With 'float32' the dots are plain float32 `lax.dot_general`s. GELU is the exact one in its erf form (`gelu`).
 
 Dropout (rate `dropout`, also on the attention weights unless `attention_dropout` is set) draws its masks
 from a counter-based hash (`Dropout`, impl 'hash') rather than jax.random.bernoulli: the same Bernoulli
@@ -153,20 +154,59 @@ def _mixed_dot_bwd(dimension_numbers, compute_dtype, residuals, g):
   return d_lhs, d_rhs
 
 
-def _ordered_product(*candidates):
-  """The first candidate product (a, b, dims, axes) whose result axes `axes` are already in order, else the
-  one with the most rows (M, a's free size: XLA:CPU upcasts batched bf16 products with M <= 32 to float32,
-  e.g. [head_dim, W] x [W, W]), transposed through a fenced copy (XLA would otherwise fold the transpose
-  into the dot by swapping its operands, a form its bf16 matmul path does not take)."""
-  for a, b, dims, axes in candidates:
-    if list(axes) == sorted(axes):
-      return _canonical_dot(a, b, dims)
+def _operand_layouts(a, b, dimension_numbers):
+  """(lhs permutation, rhs permutation or None for the [K, N] form) that `_canonical_dot` uses."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  lf = [i for i in range(a.ndim) if i not in lc and i not in lb]
+  rf = [i for i in range(b.ndim) if i not in rc and i not in rb]
+  n = int(np.prod([b.shape[i] for i in rf], dtype=np.int64))
+  lhs_perm = list(lb) + lf + list(lc)
+  if list(rb) + list(rc) + rf == list(range(b.ndim)) and not (lb and n <= 32):
+    return lhs_perm, None
+  return lhs_perm, list(rb) + rf + list(rc)
 
+
+def _copied_elements(a, b, dims, axes) -> int:
+  """Elements `_ordered_product` copies to run candidate (a, b, dims, axes): operand transposes that
+  `_canonical_dot` materialises plus the result's own transpose when its axes are out of order."""
+  lhs_perm, rhs_perm = _operand_layouts(a, b, dims)
+  copied = 0 if lhs_perm == sorted(lhs_perm) else a.size
+  if rhs_perm is not None and rhs_perm != sorted(rhs_perm):
+    copied += b.size
+  if list(axes) != sorted(axes):
+    (lc, rc), (lb, _) = dims
+    out = np.prod([a.shape[i] for i in range(a.ndim) if i not in lc]) * np.prod(
+        [b.shape[i] for i in range(b.ndim) if i not in rc and i not in dims[1][1]])
+    copied += int(out)
+  return copied
+
+
+def _ordered_product(*candidates):
+  """One of the candidate products (a, b, dims, axes) that give the same cotangent, as the result of one
+  canonical dot, transposed to `axes` when its axes come out in another order. XLA:CPU's bf16 matmul path
+  takes some forms only: a batched product (attention) is the in-order candidate, else the one with the most
+  rows (M, a's free size: batched bf16 products with M <= 32 ran in float32, e.g. [head_dim, W] x [W, W]); an
+  unbatched one (dense layers) is the candidate with more than 32 rows that copies the fewest elements
+  (`_copied_elements`), so a weight gradient x^T g transposes the narrower of x and g (for ff_out, g^T x and
+  then the small [d_model, d_ff] result instead of the [rows, d_ff] activation). The transpose of the result
+  goes through fenced copies: XLA would otherwise fold it into the dot by swapping its operands, a form its
+  bf16 matmul path does not take (it crashes or runs float32)."""
   def rows(candidate):
     a, _, ((contract, _), (batch, _)), _ = candidate
     return int(np.prod([a.shape[i] for i in range(a.ndim) if i not in contract and i not in batch]))
-  a, b, dims, axes = max(candidates, key=rows)
-  return _materialized_transpose(_canonical_dot(a, b, dims), np.argsort(axes))
+
+  if candidates[0][2][1][0]:
+    ordered = [c for c in candidates if list(c[3]) == sorted(c[3])]
+    a, b, dims, axes = ordered[0] if ordered else max(candidates, key=rows)
+  else:
+    pool = [c for c in candidates if rows(c) > 32] or [max(candidates, key=rows)]
+    a, b, dims, axes = min(pool, key=lambda c: _copied_elements(*c))
+  out = _canonical_dot(a, b, dims)
+  if list(axes) == sorted(axes):
+    return out
+  if jax.default_backend() == 'cpu':
+    out = jax.lax.optimization_barrier(out)   # else XLA folds the transpose into the dot (operands swapped)
+  return _materialized_transpose(out, np.argsort(axes))
 
 
 _mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
@@ -203,6 +243,83 @@ def dot_general_for(dtype) -> Any:
   return functools.partial(mixed_dot_general, compute_dtype=dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _add_bias(y, bias, compute_dtype):
+  return y + bias
+
+
+def _add_bias_fwd(y, bias, compute_dtype):
+  return y + bias, bias.ndim
+
+
+def _add_bias_bwd(compute_dtype, bias_ndim, g):
+  # The bias gradient sums the same compute_dtype-rounded cotangent the dot's backward multiplies (in
+  # float32): XLA then writes the cotangent once, rounded, instead of in float32 and again rounded.
+  rounded = g.astype(compute_dtype).astype(jnp.float32)
+  return g, rounded.sum(axis=tuple(range(g.ndim - bias_ndim)))
+
+
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+class Dense(nn.Module):
+  """nn.Dense / nn.DenseGeneral over the last `axes` input axes (the same parameter names, shapes and initial
+  values) whose product is `dot_general_for(dtype)`; with a compute dtype other than float32 the bias
+  gradient is the float32 sum of the rounded cotangent the product's backward uses (`_add_bias`)."""
+  features: Any
+  axes: int = 1
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    inputs = tuple(x.shape[x.ndim - self.axes:])
+    flat = (int(np.prod(inputs)), int(np.prod(features)))
+    kernel = self.param('kernel', lambda rng, shape, dtype: jnp.reshape(self.kernel_init(rng, flat, dtype), shape),
+                        inputs + features, self.param_dtype)
+    contract = tuple(range(x.ndim - self.axes, x.ndim))
+    y = dot_general_for(self.dtype)(x, kernel.astype(jnp.float32),
+                                    ((contract, tuple(range(self.axes))), ((), ())))
+    if not self.use_bias:
+      return y
+    bias = self.param('bias', nn.initializers.zeros_init(), features, self.param_dtype).astype(jnp.float32)
+    if jnp.dtype(self.dtype) == jnp.float32:
+      return y + bias
+    return _add_bias(y, bias, jnp.dtype(self.dtype))
+
+
+def gelu(x):
+  """Exact GELU, x * Phi(x) = x / 2 * (1 + erf(x / sqrt 2)), in float32: the erf form PyTorch computes.
+
+  jax.nn.gelu(approximate=False) uses erfc(-x / sqrt 2) instead, exact to relative float32 precision even far
+  in the negative tail; the erf form is exact to absolute float32 precision (|error| <= ~|x| * 6e-8), the same
+  for any activation that matters, and on CPU ~3% of a training step cheaper: erfc's piecewise polynomial and
+  the exp(-x^2 / 2) it keeps for the backward pass cost two extra passes over the FFN's widest activation.
+  """
+  return x * (0.5 + 0.5 * jax.lax.erf(x * np.float32(0.5 ** 0.5)))
+
+
+@jax.custom_vjp
+def _split_qkv(qkv):
+  """[B, W, 3, H, Dh] -> q, k, v [B, W, H, Dh]; the backward stacks the three cotangents in one pass (autodiff
+  of the three slices would pad each to [B, W, 3, H, Dh] and add them)."""
+  return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+def _split_qkv_fwd(qkv):
+  return _split_qkv(qkv), None
+
+
+def _split_qkv_bwd(_, g):
+  return (jnp.stack(g, axis=2),)
+
+
+_split_qkv.defvjp(_split_qkv_fwd, _split_qkv_bwd)
+
+
 def sinusoidal_encoding(window: int, d_model: int) -> np.ndarray:
   """Fixed 'Attention is all you need' encoding, float32 [window, d_model] (float64 on the host)."""
   position = np.arange(window, dtype=np.float64)[:, None]
@@ -225,15 +342,20 @@ def _fmix32(h):
 def hash_bits(shape, seeds) -> jax.Array:
   """uint32 pseudo-random bits of `shape` from two uint32 seeds: a counter-based hash of the element index.
 
-  Two seeded rounds (index + seed0 -> fmix32 -> xor seed1 -> fmix32) so masks of different calls are
-  unrelated, not shifted copies of one sequence. About 10 vectorised integer ops per element: on CPU this
-  is ~50x cheaper than jax.random.bernoulli (threefry: 20 rounds per pair of words), which otherwise costs
-  more than half of a training step. Under jit with a sharded batch the iota is global, so the bits do not
-  depend on the device count.
+  bits[i] = fmix32((i ^ seed1) * m) with m = fmix32(seed0 ^ fmix32(seed1)) | 1, an odd multiplier of the
+  call (computed once, on scalars). Within a call the inputs are distinct (xor and an odd multiplier are
+  bijections) and fmix32 avalanches them. Between calls the multipliers differ, so an element of one call
+  coincides with some element of another only where (i ^ a1) * ma == (j ^ b1) * mb: about N^2 / 2^32 scattered
+  pairs, as for independent draws, never a shifted or permuted copy of the other call's sequence (which an
+  additive or xor seed alone would give). One fmix32 round and one multiply, ~8 vectorised integer ops per
+  element: ~50x cheaper on CPU than jax.random.bernoulli (threefry: 20 rounds per pair of words, otherwise
+  more than half of a training step), and about half the cost of the two chained rounds used before
+  (~3% of a bf16 training step at seed scale). Under jit with a sharded batch the iota is global, so the
+  bits do not depend on the device count.
   """
   index = jax.lax.iota(jnp.uint32, int(np.prod(shape))).reshape(shape)
-  h = _fmix32((index + seeds[0]) * jnp.uint32(0x9E3779B9))
-  return _fmix32(h ^ seeds[1])
+  multiplier = _fmix32(seeds[0] ^ _fmix32(seeds[1])) | jnp.uint32(1)
+  return _fmix32((index ^ seeds[1]) * multiplier)
 
 
 class Dropout(nn.Module):
@@ -283,14 +405,14 @@ class SelfAttention(nn.Module):
     head_dim = d_model // self.num_heads
     init = nn.initializers.xavier_uniform()
     dot = dot_general_for(self.dtype)
-    dense = dict(use_bias=False, kernel_init=init, dtype=jnp.float32, param_dtype=self.param_dtype,
-                 dot_general=dot)
-    qkv = nn.DenseGeneral((3, self.num_heads, head_dim), name='qkv', **dense)(x)   # [B, W, 3, H, Dh]
+    dense = dict(kernel_init=init, dtype=self.dtype, param_dtype=self.param_dtype)
+    qkv = Dense((3, self.num_heads, head_dim), use_bias=False, name='qkv', **dense)(x)   # [B, W, 3, H, Dh]
     # No key bias: it adds q.b_k to every logit of a query row, which the softmax cancels, so its gradient
     # is pure rounding noise that Adam would amplify into random drift.
     qv_bias = self.param('qv_bias', nn.initializers.zeros_init(), (2, self.num_heads, head_dim),
                          self.param_dtype).astype(jnp.float32)
-    q, k, v = qkv[:, :, 0] + qv_bias[0], qkv[:, :, 1], qkv[:, :, 2] + qv_bias[1]
+    q, k, v = _split_qkv(qkv)
+    q, v = q + qv_bias[0], v + qv_bias[1]
     q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
     logits = dot(q, k, (((3,), (3,)), ((0, 2), (0, 2))))                 # float32 [B, H, Wq, Wk]
     # Softmax with the normalisation deferred past the value product: out = (exp(l - max) @ v) / sum, the
@@ -302,8 +424,7 @@ class SelfAttention(nn.Module):
     weights = scores / total                                              # returned for inspection only
     dropped = Dropout(self.dropout, not train, self.dropout_impl)(scores)
     out = dot(dropped, v, (((3,), (1,)), ((0, 1), (0, 2)))) / total      # [B, H, Wq, Dh]
-    out = nn.DenseGeneral(d_model, axis=(-2, -1), name='out', **dict(dense, use_bias=True))(
-        out.transpose(0, 2, 1, 3))
+    out = Dense(d_model, axes=2, name='out', **dense)(out.transpose(0, 2, 1, 3))
     return out, weights
 
 
@@ -319,17 +440,16 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    dense = dict(dtype=jnp.float32, param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform(),
-                 dot_general=dot_general_for(self.dtype))
+    dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.xavier_uniform())
     h = nn.LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name='ln_attn')(x)
     h, weights = SelfAttention(self.num_heads, self.attention_dropout, self.dtype, self.param_dtype,
                                self.dropout_impl, name='attn')(h, train=train)
     x = x + Dropout(self.dropout, not train, self.dropout_impl)(h)
     h = nn.LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name='ln_ff')(x)
-    h = nn.Dense(self.d_ff, name='ff_in', **dense)(h)
-    h = nn.gelu(h, approximate=False)
+    h = Dense(self.d_ff, name='ff_in', **dense)(h)
+    h = gelu(h)
     h = Dropout(self.dropout, not train, self.dropout_impl)(h)
-    h = nn.Dense(x.shape[-1], name='ff_out', **dense)(h)
+    h = Dense(x.shape[-1], name='ff_out', **dense)(h)
     x = x + Dropout(self.dropout, not train, self.dropout_impl)(h)
     return x, weights
 
@@ -360,9 +480,8 @@ class Encoder(nn.Module):
     if self.pos_encoding not in POS_ENCODINGS:
       raise ValueError(f'Unknown pos_encoding {self.pos_encoding!r}; expected one of {POS_ENCODINGS}.')
     batch, window, _ = x.shape
-    h = nn.Dense(self.d_model, dtype=jnp.float32, param_dtype=self.param_dtype,
-                 kernel_init=nn.initializers.xavier_uniform(), dot_general=dot_general_for(self.dtype),
-                 name='embed')(x)
+    h = Dense(self.d_model, dtype=self.dtype, param_dtype=self.param_dtype,
+              kernel_init=nn.initializers.xavier_uniform(), name='embed')(x)
     if step_mask is not None:
       h = jnp.where(step_mask[..., None], mask_token.astype(jnp.float32)[None, None, :], h)
     if self.pos_encoding == 'sinusoidal':
@@ -422,9 +541,8 @@ class MLPHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    h = nn.Dense(self.hidden, dtype=jnp.float32, param_dtype=self.param_dtype,
-                 dot_general=dot_general_for(self.dtype), name='hidden')(x)
-    h = Dropout(self.dropout, not train, self.dropout_impl)(nn.gelu(h, approximate=False))
+    h = Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name='hidden')(x)
+    h = Dropout(self.dropout, not train, self.dropout_impl)(gelu(h))
     return nn.Dense(self.out, dtype=jnp.float32, param_dtype=self.param_dtype, name='out')(h)
 
 
@@ -489,5 +607,5 @@ class NatronPretrain(nn.Module):
     h = nn.Dense(d_model, dtype=jnp.float32, param_dtype=param_dtype, dot_general=dot_general_for(dtype),
                  name='projection_hidden')(encoded)
     projection = nn.Dense(self.projection_dim, dtype=jnp.float32, param_dtype=param_dtype,
-                          name='projection_out')(nn.gelu(h, approximate=False))
+                          name='projection_out')(gelu(h))
     return dict(reconstruction=reconstruction, projection=projection, encoded=encoded)

@@ -127,7 +127,8 @@ def _dot_operand_types(hlo_text):
     ((4, 24, 64), (64, 128), (((2,), (0,)), ((), ()))),                    # dense layer
     ((4, 24, 64), (128, 64), (((2,), (1,)), ((), ()))),                    # dense layer, [out, in] kernel
     ((4, 24, 2, 32), (4, 24, 2, 32), (((3,), (3,)), ((0, 2), (0, 2)))),     # attention logits q.k
-    ((4, 2, 24, 24), (4, 24, 2, 32), (((3,), (1,)), ((0, 1), (0, 2))))])   # attention weights x values
+    ((4, 2, 24, 24), (4, 24, 2, 32), (((3,), (1,)), ((0, 1), (0, 2)))),    # attention weights x values
+    ((4, 24, 128), (128, 48), (((2,), (0,)), ((), ())))])                  # narrowing layer: g^T x, transposed
 def test_mixed_dot_general_stays_bf16_in_the_optimised_forward_and_backward(lhs_shape, rhs_shape, dims):
   """XLA:CPU silently upcasts a bf16 dot to float32 when its operand has a transposed layout (and, for
   some batched shapes, when N or M <= 32): every product of the jitted value-and-grad must stay bf16 x bf16
@@ -149,6 +150,58 @@ def test_mixed_dot_general_stays_bf16_in_the_optimised_forward_and_backward(lhs_
   np.testing.assert_allclose(np.asarray(value), np.asarray(ref_value), rtol=1e-5)
   for got, want in ((dx, rx), (dy, ry)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('axes,features', [(1, 24), (2, 24), (1, (3, 2, 4))])
+def test_dense_has_flax_parameters_and_outputs_and_a_rounded_bias_gradient(axes, features):
+  """model.Dense is nn.Dense / nn.DenseGeneral (the same parameter tree and initial values, so checkpoints
+  load either way, and in float32 the same outputs); with bf16 compute the bias gradient is the float32 sum of
+  the bf16-rounded cotangent, the one the kernel's gradient multiplies."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 6, 4))
+  init = nn.initializers.xavier_uniform()
+  ours = model_lib.Dense(features, axes=axes, kernel_init=init, use_bias=features == 24)
+  theirs = (nn.Dense(features, kernel_init=init) if axes == 1 and isinstance(features, int) else
+            nn.DenseGeneral(features, axis=tuple(range(-axes, 0)), kernel_init=init, use_bias=features == 24))
+  params = ours.init(jax.random.PRNGKey(1), x)
+  chex.assert_trees_all_equal(params, theirs.init(jax.random.PRNGKey(1), x))
+  params = jax.tree.map(lambda p: p + 0.1, params)          # a non-zero bias
+  np.testing.assert_allclose(np.asarray(ours.apply(params, x)), np.asarray(theirs.apply(params, x)),
+                             rtol=1e-6, atol=1e-6)
+  if features != 24:
+    return
+  mixed = model_lib.Dense(features, axes=axes, kernel_init=init, dtype='bfloat16')
+  out, vjp = jax.vjp(lambda p: mixed.apply(p, x), params)
+  g = jax.random.normal(jax.random.PRNGKey(2), out.shape)
+  grads = vjp(g)[0]['params']
+  rounded = np.asarray(g.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  want = rounded.reshape(-1, features).sum(axis=0)
+  bound = gamma32(rounded.size // features) * np.abs(rounded).reshape(-1, features).sum(axis=0)
+  np.testing.assert_array_less(np.abs(np.asarray(grads['bias'], np.float64) - want), bound + 1e-30)
+  assert grads['bias'].dtype == grads['kernel'].dtype == jnp.float32
+
+
+def test_split_qkv_backward_is_the_slices_gradient():
+  qkv = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 4, 6))
+  gs = [jax.random.normal(jax.random.PRNGKey(i), (2, 5, 4, 6)) for i in (1, 2, 3)]
+  loss = lambda parts: sum(jnp.sum(p * g) for p, g in zip(parts, gs))
+  ours = jax.grad(lambda t: loss(model_lib._split_qkv(t)))(qkv)   # pylint: disable=protected-access
+  ref = jax.grad(lambda t: loss((t[:, :, 0], t[:, :, 1], t[:, :, 2])))(qkv)
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+
+
+def test_gelu_is_the_exact_gelu_to_float32_precision():
+  from scipy import special  # pylint: disable=g-import-not-at-top
+  x = np.concatenate([np.linspace(-12, 12, 20001), [-1e-30, 0.0, 1e-30, 40.0, -40.0]]).astype(np.float32)
+  want = x.astype(np.float64) * 0.5 * special.erfc(-x.astype(np.float64) / np.sqrt(2.0))
+  got = np.asarray(model_lib.gelu(jnp.asarray(x)), np.float64)
+  # erf(z) is correct to a few float32 ulps of 1 and the products round: |error| <= 8 eps32 (|x| + |gelu|).
+  bound = 8 * np.finfo(np.float32).eps * (np.abs(x) + np.abs(want)) + 1e-37
+  np.testing.assert_array_less(np.abs(got - want), bound)
+  dgot = np.asarray(jax.vmap(jax.grad(model_lib.gelu))(jnp.asarray(x)), np.float64)
+  x64 = x.astype(np.float64)
+  dwant = 0.5 * special.erfc(-x64 / np.sqrt(2.0)) + x64 * np.exp(-0.5 * x64 ** 2) / np.sqrt(2 * np.pi)
+  np.testing.assert_array_less(np.abs(dgot - dwant), 16 * np.finfo(np.float32).eps * (1 + np.abs(x)))
 
 
 def test_bf16_training_reaches_the_f32_runs_validation_metrics():
@@ -221,6 +274,12 @@ def test_hash_dropout_keeps_the_configured_share_independently():
     assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 0.01   # neighbours are independent
   for i, j in [(0, 1), (0, 2), (1, 2)]:                   # different seeds give unrelated masks
     assert abs(np.corrcoef(masks[i].ravel(), masks[j].ravel())[0, 1]) < 0.01
+  # ... and not shifted or permuted copies of one sequence: two calls share about as many 32-bit values as
+  # independent draws would (N^2 / 2^32 = 9 for N = 196,608; a copy would share ~N).
+  bits = [np.asarray(model_lib.hash_bits((64, 96, 32), s)) for s in seeds]
+  assert all(len(np.unique(b)) == b.size for b in bits)  # distinct within a call (a bijection of the index)
+  for i, j in [(0, 1), (0, 2), (1, 2)]:
+    assert len(np.intersect1d(bits[i], bits[j])) < 40
   x = jnp.ones((256, 64))
   for impl in ('hash', 'jax'):
     y = model_lib.Dropout(0.25, False, impl).apply({}, x, rngs={'dropout': jax.random.PRNGKey(0)})
