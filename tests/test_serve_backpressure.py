@@ -22,7 +22,7 @@ import pytest
 from natron.errors import UserError
 from natron.serve import create_app
 from natron.serve import service as service_module
-from natron.serve.guard import JsonAllowance, ServeSettings, check_json_size
+from natron.serve.guard import JsonAllowance, ServeSettings, check_json_size, trim_heap
 from natron.serve.schemas import InvalidRequest
 from test_serve import candles_json, running, window_frame
 from test_predictor import shared_predictor
@@ -134,8 +134,12 @@ class _Watch:
 
 
 def _rss_settled() -> int:
+  """Resident memory once garbage is collected and glibc has handed free pages back (the server trims after
+  each large body, but the clients in this process free theirs later): what is still held, not allocator
+  caches, whose size depends on what ran before in this process."""
   gc.collect()
   time.sleep(0.3)
+  trim_heap()
   return psutil.Process().memory_info().rss
 
 
