@@ -86,6 +86,21 @@ def _materialized_transpose(x, perm):
   return jax.lax.optimization_barrier(y.reshape((1,) + y.shape)).reshape(out_shape)
 
 
+def _operand_layouts(a, b, dimension_numbers):
+  """(lhs permutation to [batch, M, K], rhs permutation to [batch, N, K] or None when rhs is used as it lies,
+  [batch, K, N]) for `_canonical_dot`. XLA:CPU upcasts batched [batch, K, N] with N <= 32 to float32 (seen
+  single-threaded, for attention's products with head_dim 32), while it runs [batch, N, K] of every size in
+  bf16."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  lf = [i for i in range(a.ndim) if i not in lc and i not in lb]
+  rf = [i for i in range(b.ndim) if i not in rc and i not in rb]
+  n = int(np.prod([b.shape[i] for i in rf], dtype=np.int64))
+  lhs_perm = list(lb) + lf + list(lc)
+  if list(rb) + list(rc) + rf == list(range(b.ndim)) and not (lb and n <= 32):
+    return lhs_perm, None
+  return lhs_perm, list(rb) + rf + list(rc)
+
+
 def _canonical_dot(lhs, rhs, dimension_numbers):
   """lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=float32) as ONE matmul on
   row-major operands of the forms CPU matmul libraries take: lhs [batch, M, K] (or [M, K]); rhs [K, N]
@@ -100,15 +115,14 @@ def _canonical_dot(lhs, rhs, dimension_numbers):
   k = int(np.prod([lhs.shape[i] for i in lc], dtype=np.int64))
   m, n = int(np.prod(m_shape, dtype=np.int64)), int(np.prod(n_shape, dtype=np.int64))
   lead = [int(np.prod(batch, dtype=np.int64))] if batch else []
-  a = _materialized_transpose(lhs, list(lb) + lf + list(lc)).reshape(lead + [m, k])
+  lhs_perm, rhs_perm = _operand_layouts(lhs, rhs, dimension_numbers)
+  a = _materialized_transpose(lhs, lhs_perm).reshape(lead + [m, k])
   nb = len(lead)
-  # XLA:CPU upcasts batched [batch, K, N] with N <= 32 to float32 (seen single-threaded, for attention's
-  # products with head_dim 32), while it runs [batch, N, K] of every size in bf16.
-  if list(rb) + list(rc) + rf == list(range(rhs.ndim)) and not (batch and n <= 32):   # [batch, K, N]
+  if rhs_perm is None:                                                # [batch, K, N]
     b = rhs.reshape(lead + [k, n])
     contract = nb
   else:                                                               # [batch, N, K]
-    b = _materialized_transpose(rhs, list(rb) + rf + list(rc)).reshape(lead + [n, k])
+    b = _materialized_transpose(rhs, rhs_perm).reshape(lead + [n, k])
     contract = nb + 1
   dims = (((nb + 1,), (contract,)), ((0,), (0,)) if batch else ((), ()))
   out = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
@@ -152,18 +166,6 @@ def _mixed_dot_bwd(dimension_numbers, compute_dtype, residuals, g):
       (lhs, g, ((tuple(lf), g_lf), (tuple(lb), g_batch)), list(rb) + [rc[j] for j in np.argsort(lc)] + rf),
       (g, lhs, ((g_lf, tuple(lf)), (g_batch, tuple(lb))), list(rb) + rf + [rc[j] for j in np.argsort(lc)]))
   return d_lhs, d_rhs
-
-
-def _operand_layouts(a, b, dimension_numbers):
-  """(lhs permutation, rhs permutation or None for the [K, N] form) that `_canonical_dot` uses."""
-  (lc, rc), (lb, rb) = dimension_numbers
-  lf = [i for i in range(a.ndim) if i not in lc and i not in lb]
-  rf = [i for i in range(b.ndim) if i not in rc and i not in rb]
-  n = int(np.prod([b.shape[i] for i in rf], dtype=np.int64))
-  lhs_perm = list(lb) + lf + list(lc)
-  if list(rb) + list(rc) + rf == list(range(b.ndim)) and not (lb and n <= 32):
-    return lhs_perm, None
-  return lhs_perm, list(rb) + rf + list(rc)
 
 
 def _copied_elements(a, b, dims, axes) -> int:
