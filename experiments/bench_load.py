@@ -295,12 +295,8 @@ async def rest_client(http: httpx.AsyncClient, target: Target, series: Series, r
   loop = asyncio.get_running_loop()
   rec.ready += 1
   await go.wait()
-  k = 0
-  while not stop.is_set() and clock.due(k) < clock.end:
-    due = clock.due(k)
-    await sleep_until(due)
+  async for k, due in ea_bars(clock, rec, stop):
     body = series.predict_body(base + k, required)
-    rec.ea['bars'] += 1
     final, attempt = 'none', 0
     while True:
       t0 = loop.time()
@@ -325,7 +321,18 @@ async def rest_client(http: httpx.AsyncClient, target: Target, series: Series, r
       rec.ea['retries_503'] += 1
       await asyncio.sleep(wait)
     finish_bar(rec, final == '200', (loop.time() - due) * 1e3, load)
-    k = next_bar(k, clock, loop.time(), rec)
+
+
+async def ea_bars(clock: Clock, rec: Recorder, stop: asyncio.Event):
+  """(k, due) of each bar the EA handles: waits until bar k closes and counts it; once the caller has handled
+  it, moves to the newest bar (`next_bar`), so bars that closed meanwhile are skipped."""
+  k = 0
+  while not stop.is_set() and clock.due(k) < clock.end:
+    due = clock.due(k)
+    await sleep_until(due)
+    rec.ea['bars'] += 1
+    yield k, due
+    k = next_bar(k, clock, asyncio.get_running_loop().time(), rec)
 
 
 def finish_bar(rec: Recorder, ok: bool, ms: float, load: Load) -> None:
@@ -449,11 +456,11 @@ async def ws_client(target: Target, series: Series, required: int, base: int, sy
       subscribed = await subscribe(base - 1)
     rec.ready += 1
     await go.wait()
-    k = 0
-    while not stop.is_set() and clock.due(k) < clock.end:
-      due = clock.due(k)
-      await sleep_until(due)
-      rec.ea['bars'] += 1
+    previous = -1
+    async for k, due in ea_bars(clock, rec, stop):
+      if k != previous + 1:
+        subscribed = False              # a skipped bar breaks the one-timeframe chain
+      previous = k
       ok = False
       if await link.ensure():
         if subscribed:
@@ -465,10 +472,6 @@ async def ws_client(target: Target, series: Series, required: int, base: int, sy
           ok = await subscribe(base + k, due)
       subscribed = ok and link.ws is not None
       finish_bar(rec, ok, (loop.time() - due) * 1e3, load)
-      k_next = next_bar(k, clock, loop.time(), rec)
-      if k_next != k + 1:
-        subscribed = False              # a skipped bar breaks the one-timeframe chain
-      k = k_next
   finally:
     await link.close()
 

@@ -251,14 +251,14 @@ def _add_bias(y, bias, compute_dtype):
 
 
 def _add_bias_fwd(y, bias, compute_dtype):
-  return y + bias, bias.ndim
+  return y + bias, bias        # the parameter itself (alive anyway): its static ndim in the backward pass
 
 
-def _add_bias_bwd(compute_dtype, bias_ndim, g):
+def _add_bias_bwd(compute_dtype, bias, g):
   # The bias gradient sums the same compute_dtype-rounded cotangent the dot's backward multiplies (in
   # float32): XLA then writes the cotangent once, rounded, instead of in float32 and again rounded.
   rounded = g.astype(compute_dtype).astype(jnp.float32)
-  return g, rounded.sum(axis=tuple(range(g.ndim - bias_ndim)))
+  return g, rounded.sum(axis=tuple(range(g.ndim - bias.ndim)))
 
 
 _add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
